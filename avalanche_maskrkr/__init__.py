@@ -1,0 +1,1 @@
+"""RKR, Piggyback and Mask-RKR for Avalanche."""
