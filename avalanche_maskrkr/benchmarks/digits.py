@@ -1,0 +1,60 @@
+"""Split Digits: scikit-learn's bundled 8x8 digits as a tiny task-incremental stream."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from avalanche.benchmarks.scenarios.deprecated.new_classes.nc_scenario import (
+    NCScenario,
+)
+from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from .task_split import task_incremental_split
+
+
+def split_digits(
+    n_experiences: int = 5,
+    image_size: int | None = None,
+    channels: int = 1,
+    seed: int = 0,
+    test_fraction: float = 0.3,
+) -> NCScenario:
+    """The 1797 digits (no download) as ``n_experiences`` tasks in class order
+    0..9: with 5 tasks, task ``i`` holds digits ``{2i, 2i+1}`` labelled 0 and 1.
+
+    Samples are ``(x, y, t)`` with ``x`` float32 in [0, 1] of shape
+    ``(channels, S, S)`` (``S = 8`` unless ``image_size``); all tensors are
+    prepared once, there are no per-sample transforms.
+
+    Args:
+        n_experiences: number of tasks (must divide 10).
+        image_size: side ``S`` to resize to (bilinear), e.g. 32 for small CNNs.
+        channels: 1, or 3 to repeat the grey channel for RGB backbones.
+        seed: seed of the stratified train/test split.
+        test_fraction: fraction of each digit held out for testing.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    if image_size is not None:
+        images = F.interpolate(
+            images, size=(image_size, image_size), mode="bilinear", align_corners=False
+        ).clamp_(0.0, 1.0)
+    images = images.expand(-1, channels, -1, -1).contiguous()
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    train_idx, test_idx = train_test_split(
+        torch.arange(len(labels)).numpy(),
+        test_size=test_fraction,
+        stratify=digits.target,
+        random_state=seed,
+    )
+    train_set, test_set = (
+        _make_taskaware_tensor_classification_dataset(images[idx], labels[idx])
+        for idx in map(torch.as_tensor, (train_idx, test_idx))
+    )
+    return task_incremental_split(
+        train_set, test_set, n_experiences, fixed_class_order=range(10)
+    )

@@ -1,0 +1,9 @@
+"""Per-task layers: the three methods as parametrizations of a frozen layer."""
+from .base import TaskAdaptedLayer, TaskContext, TaskCost, TaskModule
+from .batchnorm import TaskBatchNorm
+from .masks import BinaryMask, pack_bits, unpack_bits
+from .piggyback import PiggybackLayer
+from .rkr import PLACEMENTS, RKRLayer
+
+__all__ = ["BinaryMask", "PLACEMENTS", "PiggybackLayer", "RKRLayer", "TaskAdaptedLayer",
+           "TaskBatchNorm", "TaskContext", "TaskCost", "TaskModule", "pack_bits", "unpack_bits"]

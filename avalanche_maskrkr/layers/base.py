@@ -1,0 +1,159 @@
+"""Per-task parametrizations of a frozen layer: the contract every method layer follows.
+
+A :class:`TaskModule` holds, for each task label, a small module of task parameters in
+``self.tasks[str(task)]``. Which task is computed is read from a :class:`TaskContext`
+shared by every task module of a network: the network sets it once per forward, so the
+task label never has to be threaded through the backbone's own ``forward`` calls.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .masks import BinaryMask
+
+
+class TaskContext:
+    """The task label the network is currently computing (``None``: the base network)."""
+
+    __slots__ = ("task",)
+
+    def __init__(self) -> None:
+        self.task: int | None = None
+
+
+class TaskCost(NamedTuple):
+    """What one task adds: real-valued entries, binary-mask entries, bytes on disk
+    (real tensors in their dtype, masks bit-packed)."""
+
+    real: int
+    mask: int
+    nbytes: int
+
+
+class TaskModule(nn.Module):
+    """A module with per-task parameters in ``self.tasks`` (a ModuleDict keyed by task)."""
+
+    def __init__(self, context: TaskContext):
+        super().__init__()
+        self.context = context
+        self.tasks = nn.ModuleDict()
+
+    def has_task(self, task: int) -> bool:
+        return str(task) in self.tasks
+
+    def add_task(self, task: int) -> None:
+        """Create the parameters of ``task`` (called once, before it trains)."""
+        raise NotImplementedError
+
+    def task_parameters(self, task: int) -> list[nn.Parameter]:
+        """The parameters that training ``task`` updates (empty once it is finished)."""
+        if not self.has_task(task):
+            return []
+        return [p for p in self.tasks[str(task)].parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def finish_task(self, task: int) -> None:
+        """Freeze ``task`` for good: real parameters stop training, masks become bits."""
+        if not self.has_task(task):
+            return
+        params = self.tasks[str(task)]
+        for module in params.modules():
+            if isinstance(module, BinaryMask):
+                module.freeze()
+        params.requires_grad_(False)
+
+    def task_cost(self, task: int) -> TaskCost:
+        """The entries and bytes that ``task`` adds to the model."""
+        if not self.has_task(task):
+            return TaskCost(0, 0, 0)
+        params = self.tasks[str(task)]
+        masks = [m for m in params.modules() if isinstance(m, BinaryMask)]
+        in_masks = {id(t) for m in masks for t in (*m.parameters(), *m.buffers())}
+        real = [t for t in (*params.parameters(), *params.buffers())
+                if id(t) not in in_masks and t.dtype.is_floating_point]
+        return TaskCost(real=sum(t.numel() for t in real),
+                        mask=sum(m.numel for m in masks),
+                        nbytes=sum(t.numel() * t.element_size() for t in real)
+                        + sum(math.ceil(m.numel / 8) for m in masks))
+
+
+class TaskAdaptedLayer(TaskModule):
+    """A frozen ``nn.Linear`` or ``nn.Conv2d`` (``self.base``) computed per task.
+
+    Subclasses define :meth:`add_task` and :meth:`effective` (the task's weight and bias as
+    differentiable functions of the base and task parameters). Without a gradient to
+    compute, the effective weight is folded once and cached, so evaluation costs what the
+    plain layer costs. The cache is keyed on the version counters of every tensor the fold
+    reads, so any in-place update (optimizer step, state-dict load) invalidates it.
+    """
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, context: TaskContext):
+        super().__init__(context)
+        self.base = base
+        self._fold_cache: tuple | None = None
+
+    # -- what a method defines -------------------------------------------------------
+    def effective(self, task: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of ``task``, shaped like the base layer's."""
+        raise NotImplementedError
+
+    def forward_train(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        """Training forward of ``task``; methods override it with cheaper equivalents."""
+        return self.base_op(x, *self.effective(task))
+
+    def fold_dependencies(self, task: int) -> list[torch.Tensor]:
+        """Every tensor :meth:`effective` reads for ``task``."""
+        return [*self.base.parameters(), *self.tasks[str(task)].parameters(),
+                *self.tasks[str(task)].buffers()]
+
+    # -- shared machinery -------------------------------------------------------------
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.base, nn.Conv2d)
+
+    def base_op(self, x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        """The base layer's operation with another weight and bias."""
+        if self.is_conv:
+            return self.base._conv_forward(x, weight, bias)
+        return F.linear(x, weight, bias)
+
+    def channel_view(self, v: torch.Tensor) -> torch.Tensor:
+        """(out,) -> broadcastable against the output: (out,) or (out, 1, 1)."""
+        return v.view(-1, 1, 1) if self.is_conv else v
+
+    def needs_grad(self, task: int) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return any(p.requires_grad for p in self.base.parameters()) or any(
+            p.requires_grad for p in self.tasks[str(task)].parameters())
+
+    @torch.no_grad()
+    def folded(self, task: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The effective (weight, bias) of ``task``, computed once and cached."""
+        deps = self.fold_dependencies(task)
+        key = (task, tuple((id(t), t._version) for t in deps))
+        if self._fold_cache is None or self._fold_cache[0] != key:
+            self._fold_cache = (key, self.effective(task))
+        return self._fold_cache[1]
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._fold_cache = None  # free the folded copy while training
+        return super().train(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        task = self.context.task
+        if task is None or not self.has_task(task):
+            return self.base(x)
+        if self.needs_grad(task):
+            return self.forward_train(x, task)
+        return self.base_op(x, *self.folded(task))
+
+    def extra_repr(self) -> str:
+        return f"tasks={list(self.tasks.keys())}"

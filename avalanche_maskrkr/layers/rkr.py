@@ -1,0 +1,171 @@
+"""RKR and Mask-RKR: low-rank weight rectification (RG) and output scaling (SFG) per task.
+
+For a frozen layer with weight W and bias b, task t computes
+
+    y = F_t * ((W + R_t) x + b),      R_t = LM_t RM_t reshaped to W's shape,
+
+with F_t broadcast over the output channels (Singh et al., RKR, CVPR 2021).
+
+Factor layout (the paper's, kernel k_h x k_w, ``in`` = input channels per group):
+  * Linear: LM (in, K), RM (K, out); R^T = LM RM, i.e. R = (LM RM)^T in PyTorch's layout.
+  * Conv2d: LM (k_h * in, K) with rows indexed (kernel row, input channel), RM
+    (K, k_w * out) with columns indexed (kernel column, output channel), so
+    R[o, i, a, b] = sum_r LM[(a, i), r] RM[r, (b, o)]. This choice makes R a sum of K
+    separable kernels: applying it to activations is a (k_h x 1) convolution from ``in``
+    to K channels followed by a (1 x k_w) one from K to ``out`` channels.
+    Parameters per layer: K * (k_h * in + k_w * out), i.e. K * k * (in + out).
+  * A fused ``qkv`` Linear split into ``n_split`` parts has one (LM, RM) pair per part:
+    LM (n_split, in, K), RM (n_split, K, out / n_split). Every layer stores the leading
+    ``n_split`` axis (1 when not split).
+Initialisation: LM ~ N(0, 1 / fan_in), RM = 0, F = 1, so a new task starts from the base.
+
+Mask-RKR (Takeda & Yanai 2022): LM, RM and F are learned on the first task only; every
+later task learns binary masks over them (:class:`BinaryMask`): R_t = (LM*M^L_t)(RM*M^R_t),
+F_t = F * M^F_t. ``mask_rg`` / ``mask_sfg`` choose which generator is masked; a generator
+that is not masked gets real-valued per-task parameters as in RKR, so masking nothing is
+RKR. ``placement="product"`` puts one mask on the full product R instead of LM and RM.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import TaskAdaptedLayer, TaskContext
+from .masks import BinaryMask
+
+PLACEMENTS = ("factors", "product", "none")
+
+
+def _masked_or_real(own: nn.Module | torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    """A task's component: its own real tensor, or its binary mask applied to ``shared``."""
+    return own(shared) if isinstance(own, BinaryMask) else own
+
+
+class RKRLayer(TaskAdaptedLayer):
+    """RKR (and Mask-RKR) wrapper of a frozen Linear or Conv2d.
+
+    Args:
+        base: the frozen layer. context: the network's task context.
+        rank: K, the rank of each rectification. n_split: independent parts along the
+            output axis (3 for a fused qkv).
+        mask_rg, mask_sfg, placement, mask_init, mask_threshold: Mask-RKR options (the
+            defaults here give plain RKR).
+    """
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, context: TaskContext, rank: int = 2,
+                 n_split: int = 1, mask_rg: bool = False, mask_sfg: bool = False,
+                 placement: str = "factors", mask_init: float = 1e-2,
+                 mask_threshold: float = 5e-3):
+        super().__init__(base, context)
+        out_ch, in_ch = base.weight.shape[:2]
+        if out_ch % n_split:
+            raise ValueError(f"cannot split {out_ch} outputs into {n_split} parts")
+        self.kh, self.kw = base.weight.shape[2:] if self.is_conv else (1, 1)
+        self.rank, self.n_split = rank, n_split
+        self.lm_shape = (n_split, self.kh * in_ch, rank)
+        self.rm_shape = (n_split, rank, self.kw * out_ch // n_split)
+        self.mask_rg = mask_rg and placement != "none"
+        self.mask_sfg = mask_sfg
+        self.placement = placement
+        self.mask_init, self.mask_threshold = mask_init, mask_threshold
+        self.on_activations = self._activation_path_is_cheaper()
+
+    def _activation_path_is_cheaper(self) -> bool:
+        """Apply LM, RM to activations (two thin ops, no weight gradient) rather than
+        materialise R (whose gradient costs a full weight-gradient op)? Per output
+        position: K * (k_h * in * n_split + k_w * out) against in * out * k_h * k_w."""
+        base = self.base
+        if self.is_conv and (base.groups != 1 or base.padding_mode != "zeros"
+                             or isinstance(base.padding, str)):
+            return False
+        out_ch, in_ch = base.weight.shape[:2]
+        low_rank = self.rank * (self.kh * in_ch * self.n_split + self.kw * out_ch)
+        return low_rank < in_ch * out_ch * self.kh * self.kw
+
+    # -- parameters ----------------------------------------------------------------
+    @property
+    def first_task(self) -> str:
+        return next(iter(self.tasks.keys()))
+
+    def _mask(self, shape) -> BinaryMask:
+        return BinaryMask(shape, self.mask_init, self.mask_threshold,
+                          device=self.base.weight.device)
+
+    def add_task(self, task: int) -> None:
+        device = self.base.weight.device
+        owns_real = len(self.tasks) == 0  # Mask-RKR: the first task learns the real set
+        params = nn.Module()
+        if owns_real or not self.mask_rg:
+            fan_in = self.lm_shape[1]
+            params.lm = nn.Parameter(torch.randn(self.lm_shape, device=device) / math.sqrt(fan_in))
+            params.rm = nn.Parameter(torch.zeros(self.rm_shape, device=device))
+        elif self.placement == "factors":
+            params.lm = self._mask(self.lm_shape)
+            params.rm = self._mask(self.rm_shape)
+        else:
+            params.r = self._mask(tuple(self.base.weight.shape))
+        if owns_real or not self.mask_sfg:
+            params.f = nn.Parameter(torch.ones(self.base.weight.shape[0], device=device))
+        else:
+            params.f = self._mask((self.base.weight.shape[0],))
+        self.tasks[str(task)] = params
+
+    def fold_dependencies(self, task: int) -> list[torch.Tensor]:
+        deps = super().fold_dependencies(task)
+        first = self.tasks[self.first_task]
+        return deps + [*first.parameters(), *first.buffers()]
+
+    def factors(self, task: int):
+        """(LM, RM, F, product mask or None) of ``task``, masks applied."""
+        own, shared = self.tasks[str(task)], self.tasks[self.first_task]
+        if hasattr(own, "r"):
+            return shared.lm, shared.rm, _masked_or_real(own.f, shared.f), own.r
+        return (_masked_or_real(own.lm, shared.lm), _masked_or_real(own.rm, shared.rm),
+                _masked_or_real(own.f, shared.f), None)
+
+    # -- the computation -------------------------------------------------------------
+    def rectification(self, lm: torch.Tensor, rm: torch.Tensor) -> torch.Tensor:
+        """R with the base weight's shape: (out, in) or (out, in, k_h, k_w)."""
+        s = self.n_split
+        prod = torch.bmm(lm, rm)  # (s, k_h * in, k_w * out / s)
+        prod = prod.view(s, self.kh, -1, self.kw, self.rm_shape[2] // self.kw)
+        # (s, k_h, in, k_w, out/s) -> (s, out/s, in, k_h, k_w) -> W's shape
+        return prod.permute(0, 4, 2, 1, 3).reshape(self.base.weight.shape)
+
+    def effective(self, task: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        lm, rm, f, r_mask = self.factors(task)
+        r = self.rectification(lm, rm)
+        if r_mask is not None:
+            r = r_mask(r)
+        weight = f.view(-1, *[1] * (r.dim() - 1)) * (self.base.weight + r)
+        bias = None if self.base.bias is None else f * self.base.bias
+        return weight, bias
+
+    def low_rank_on_activations(self, x: torch.Tensor, lm: torch.Tensor,
+                                rm: torch.Tensor) -> torch.Tensor:
+        """R applied to x without forming R: (..., in) -> (..., out) or conv maps."""
+        if not self.is_conv:
+            s, n_in, k = lm.shape
+            z = x @ lm.transpose(0, 1).reshape(n_in, s * k)  # (..., s*K)
+            return z @ torch.block_diag(*rm.unbind(0))  # (..., out)
+        base, k = self.base, self.rank
+        n_in = self.lm_shape[1] // self.kh
+        rows = lm[0].view(self.kh, n_in, k).permute(2, 1, 0).unsqueeze(-1)  # (K, in, kh, 1)
+        cols = rm[0].view(k, self.kw, -1).permute(2, 0, 1).unsqueeze(2)  # (out, K, 1, kw)
+        z = F.conv2d(x, rows, None, (base.stride[0], 1), base.padding, (base.dilation[0], 1))
+        return F.conv2d(z, cols, None, (1, base.stride[1]), 0, (1, base.dilation[1]))
+
+    def forward_train(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        lm, rm, f, r_mask = self.factors(task)
+        if r_mask is not None or not self.on_activations:
+            return super().forward_train(x, task)
+        y = self.base_op(x, self.base.weight, self.base.bias)
+        return self.channel_view(f) * (y + self.low_rank_on_activations(x, lm, rm))
+
+    def extra_repr(self) -> str:
+        return (f"rank={self.rank}, n_split={self.n_split}, mask_rg={self.mask_rg}, "
+                f"mask_sfg={self.mask_sfg}, placement={self.placement}, "
+                f"on_activations={self.on_activations}, {super().extra_repr()}")

@@ -1,0 +1,189 @@
+"""The converted model: a backbone with per-task layers and one classifier head per task.
+
+:class:`TaskAwareNetwork` is an Avalanche ``MultiTaskModule``: Avalanche hands it the
+task labels, ``MultiTaskModule.forward`` splits a mixed minibatch per task, and
+:meth:`forward_single_task` sets the task on the shared :class:`TaskContext` so every
+task layer of the backbone computes that task. Its ``adaptation`` (run by Avalanche
+before each experience) creates the task's parameters and head.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+from avalanche.benchmarks.utils.flat_data import ConstantSequence
+from avalanche.models import MultiTaskModule
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .layers import TaskBatchNorm, TaskContext, TaskModule
+from .options import MethodOptions
+
+STREAM_HINT = (
+    "Build a task-labelled stream with classes numbered from 0 in each task, e.g. "
+    "avalanche_maskrkr.benchmarks.split_cifar100(), SplitCIFAR100(n_experiences=10, "
+    "return_task_id=True, class_ids_from_zero_in_each_exp=True) or nc_benchmark(..., "
+    "task_labels=True, class_ids_from_zero_in_each_exp=True).")
+
+
+def experience_tasks(experience) -> list[int]:
+    """The distinct task labels of an Avalanche experience, sorted."""
+    labels = experience.task_labels
+    if isinstance(labels, ConstantSequence):
+        labels = [labels[0]]
+    return sorted({int(t) for t in labels})
+
+
+class TaskAwareNetwork(MultiTaskModule):
+    """``backbone`` (classifier replaced by Identity, layers wrapped) + per-task heads.
+
+    Args:
+        backbone: the converted network, mapping x -> (batch, feature_dim) features.
+        feature_dim: input size of each head.
+        options: the method's options (kept for reports and exports).
+        context: the task context shared with the backbone's task layers.
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, options: MethodOptions,
+                 context: TaskContext):
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleDict()
+        self.feature_dim = feature_dim
+        self.options = options
+        self.context = context
+        self.adapted_tasks: list[int] = []
+        self.trained_tasks: list[int] = []
+        self.base_frozen = not options.train_base_first
+        self._warned_untrained: set[int] = set()
+        self.backbone.requires_grad_(False)
+        for param in self.base_parameters():
+            param.requires_grad_(not self.base_frozen)
+
+    # -- structure ---------------------------------------------------------------------
+    @property
+    def task_modules(self) -> list[TaskModule]:
+        return [m for m in self.backbone.modules() if isinstance(m, TaskModule)]
+
+    def base_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the shared base network (task parameters and heads excluded)."""
+        per_task = {id(p) for m in self.task_modules for p in m.tasks.parameters()}
+        return [p for p in self.backbone.parameters() if id(p) not in per_task]
+
+    def add_head(self, task: int, n_classes: int) -> None:
+        self.heads[str(task)] = nn.Linear(self.feature_dim, n_classes,
+                                          device=self._adaptation_device)
+
+    def add_task(self, task: int, n_classes: int) -> None:
+        """Create the parameters and head of ``task`` before it trains."""
+        if task in self.trained_tasks:
+            raise ValueError(
+                f"An experience with task label {task} arrived, but task {task} is already "
+                "trained. RKR, Piggyback and Mask-RKR learn one set of parameters per task "
+                "and never change a finished task, so every experience needs a new task "
+                f"label. {STREAM_HINT}")
+        if task not in self.adapted_tasks:
+            for module in self.task_modules:
+                module.add_task(task)
+            self.adapted_tasks.append(task)
+        if str(task) not in self.heads:
+            self.add_head(task, n_classes)
+
+    @torch.no_grad()
+    def finish_task(self, task: int) -> None:
+        """Freeze ``task`` for good (masks packed to bits); freeze the base after the first."""
+        for module in self.task_modules:
+            module.finish_task(task)
+        self.heads[str(task)].requires_grad_(False)
+        if task not in self.trained_tasks:
+            self.trained_tasks.append(task)
+        if not self.base_frozen:
+            self.base_frozen = True
+            for param in self.base_parameters():
+                param.requires_grad_(False)
+            self.train(self.training)
+
+    def trainable_parameters(self, tasks: Iterable[int]) -> list[nn.Parameter]:
+        """Exactly what training ``tasks`` updates: their heads and task parameters, and
+        the base while it is not yet frozen."""
+        params: list[nn.Parameter] = []
+        for task in tasks:
+            params += [p for p in self.heads[str(task)].parameters() if p.requires_grad]
+            for module in self.task_modules:
+                params += module.task_parameters(task)
+        if not self.base_frozen:
+            params += self.base_parameters()
+        return list({id(p): p for p in params}.values())
+
+    # -- Avalanche hooks -----------------------------------------------------------------
+    def adaptation(self, experience) -> None:
+        super().adaptation(experience)
+        n_classes = max(experience.classes_in_this_experience) + 1
+        for task in experience_tasks(experience):
+            if self.training:
+                self.add_task(task, n_classes)
+            elif task not in self.trained_tasks and task not in self._warned_untrained:
+                self._warned_untrained.add(task)
+                warnings.warn(f"task {task} has not been trained yet: it is evaluated with "
+                              "the base network and an untrained head", stacklevel=2)
+                if str(task) not in self.heads:
+                    self.add_head(task, n_classes)
+
+    def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
+        """(batch, ...) inputs of one task -> (batch, classes of that task) logits."""
+        task_label = int(task_label)
+        if str(task_label) not in self.heads:
+            raise KeyError(f"no head for task {task_label}: run Avalanche's model "
+                           "adaptation for its experience first (strategy.train/eval do)")
+        self.context.task = task_label
+        try:
+            features = self.backbone(x)
+        finally:
+            self.context.task = None
+        return self.heads[str(task_label)](features)
+
+    def train(self, mode: bool = True):
+        """Train mode everywhere except BatchNorm statistics that must not drift: the
+        base's once frozen, and every finished task's own copy."""
+        super().train(mode)
+        if not mode:
+            return self
+        finished = {str(t) for t in self.trained_tasks}
+        copies = set()
+        for module in self.task_modules:
+            if isinstance(module, TaskBatchNorm):
+                for key, norm in module.tasks.items():
+                    copies.add(id(norm))
+                    if key in finished:
+                        norm.eval()
+        if self.base_frozen:
+            for module in self.backbone.modules():
+                if isinstance(module, _BatchNorm) and id(module) not in copies:
+                    module.eval()
+        return self
+
+    # -- state: the task structure travels with the state dict ------------------------------
+    def get_extra_state(self) -> dict:
+        return {"task_classes": {int(t): h.out_features for t, h in self.heads.items()},
+                "adapted_tasks": list(self.adapted_tasks),
+                "trained_tasks": list(self.trained_tasks),
+                "base_frozen": self.base_frozen,
+                "max_class_label": self.max_class_label}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Recreate the tasks recorded in ``state`` so that loading a state dict into a
+        freshly converted network restores every task (loaded before the children)."""
+        for task in state["adapted_tasks"]:
+            if task not in self.adapted_tasks:
+                self.add_task(task, state["task_classes"][task])
+        for task, n_classes in state["task_classes"].items():
+            if str(task) not in self.heads:
+                self.add_head(task, n_classes)
+        for task in state["trained_tasks"]:
+            self.finish_task(task)
+        if state["base_frozen"] and not self.base_frozen:
+            self.base_frozen = True
+            for param in self.base_parameters():
+                param.requires_grad_(False)
+        self.max_class_label = state["max_class_label"]
