@@ -111,7 +111,8 @@ def parameter_report(model: ModelSpec = "vit_base_patch16_224", img_size: int | 
                      **options) -> pd.DataFrame:
     """Totals per method for ``tasks`` tasks, with the paper's conventions.
 
-    Columns: ``method, rank, total_params, overhead_pct, bytes_per_task``; rows
+    Columns: ``method, rank, total_params, overhead_pct, bytes_per_task`` (totals rounded
+    to whole parameters, overhead to 0.001 %); rows
     ``single``, ``multi-head``, ``rkr``, ``piggyback``, ``mask-rkr``, ``mask-rkr-k+``.
     ``options`` are conversion options shared by the methods (e.g. ``split_qkv``).
     """
@@ -129,6 +130,7 @@ def parameter_report(model: ModelSpec = "vit_base_patch16_224", img_size: int | 
         rows.append((label, k, cost["total_params"], cost["bytes_per_task"]))
     frame = pd.DataFrame(rows, columns=["method", "rank", "total_params", "bytes_per_task"])
     frame["rank"] = frame["rank"].astype("Int64")
-    frame["overhead_pct"] = 100 * (frame["total_params"] - single) / single
+    frame["overhead_pct"] = (100 * (frame["total_params"] - single) / single).round(3)
+    frame["total_params"] = frame["total_params"].round().astype("int64")
     frame["bytes_per_task"] = frame["bytes_per_task"].map(math.ceil)
     return frame[["method", "rank", "total_params", "overhead_pct", "bytes_per_task"]]

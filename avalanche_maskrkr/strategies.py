@@ -1,69 +1,72 @@
 """Thin strategy templates: Avalanche's ``SupervisedTemplate`` with the method's plugin.
 
-Constructors are keyword-only like Avalanche's: ``model, optimizer, criterion,
-train_mb_size, train_epochs, eval_mb_size, device, plugins, evaluator, eval_every``
-(same defaults as ``Naive``), plus the method's options (see
-:mod:`avalanche_maskrkr.options`); anything else is passed on to ``SupervisedTemplate``.
-The model is converted at construction, so ``strategy.model`` is the
+Constructors are keyword-only like Avalanche's, with ``SupervisedTemplate``'s arguments
+and defaults (``model, optimizer, criterion, train_mb_size, train_epochs, eval_mb_size,
+device, plugins, evaluator, eval_every, ...``) plus the method's options, declared once
+in :mod:`avalanche_maskrkr.options` and added to the constructor's signature (Avalanche
+rejects keyword arguments that no ``__init__`` signature declares). The model is
+converted at construction, so ``strategy.model`` is the
 :class:`~avalanche_maskrkr.network.TaskAwareNetwork` from the start.
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import ClassVar
 
-from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
-from torch.nn import CrossEntropyLoss
 
-from .options import option_names
+from .options import MethodOptions, option_names
 from .plugins import MaskRKRPlugin, MethodPlugin, PiggybackPlugin, RKRPlugin
 
 
+def _strategy_init(options_class: type[MethodOptions]):
+    """An ``__init__`` taking SupervisedTemplate's arguments and ``options_class``'s."""
+    names = option_names(options_class)
+
+    def __init__(self, **kwargs):
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        plugin = self.plugin_class(**options)
+        if "model" in kwargs:
+            kwargs["model"] = plugin.convert(kwargs["model"])
+        kwargs["plugins"] = [plugin, *(kwargs.get("plugins") or [])]
+        SupervisedTemplate.__init__(self, **kwargs)
+        self.method_plugin = plugin
+
+    template = inspect.signature(SupervisedTemplate.__init__).parameters.values()
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    __init__.__signature__ = inspect.Signature(
+        [p for p in template if p.kind != inspect.Parameter.VAR_KEYWORD]
+        + [inspect.Parameter(f.name, keyword, default=f.default)
+           for f in dataclasses.fields(options_class)]
+        + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
+    __init__.__doc__ = f"Arguments of SupervisedTemplate, plus:\n\n{options_class.__doc__}"
+    return __init__
+
+
 class MethodStrategy(SupervisedTemplate):
-    """A ``SupervisedTemplate`` that appends ``plugin_class`` built from its options."""
+    """A ``SupervisedTemplate`` that converts the model and appends ``plugin_class``."""
 
     plugin_class: ClassVar[type[MethodPlugin]]
 
-    def __init__(self, *, model, optimizer, criterion=CrossEntropyLoss(), train_mb_size=1,
-                 train_epochs=1, eval_mb_size=1, device="cpu", plugins=None,
-                 evaluator=default_evaluator, eval_every=-1, **kwargs):
-        names = option_names(self.plugin_class.options_class)
-        method_options = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-        plugin = self.plugin_class(**method_options)
-        super().__init__(model=plugin.convert(model), optimizer=optimizer,
-                         criterion=criterion, train_mb_size=train_mb_size,
-                         train_epochs=train_epochs, eval_mb_size=eval_mb_size, device=device,
-                         plugins=[plugin, *(plugins or [])], evaluator=evaluator,
-                         eval_every=eval_every, **kwargs)
-        self.method_plugin = plugin
+    def __init_subclass__(cls, **kwargs):
+        cls.__init__ = _strategy_init(cls.plugin_class.options_class)
+        super().__init_subclass__(**kwargs)
 
 
 class RKR(MethodStrategy):
-    """RKR: per-task low-rank weight rectification and output scaling.
-
-    Options: ``rank`` (2), ``split_qkv`` (True), ``head_name`` (auto), ``bn_policy``
-    ("frozen"), ``train_base_first`` (False), ``adapt_patch_embed`` (False).
-    """
+    """RKR: per-task low-rank weight rectification (RG) and output scaling (SFG)."""
 
     plugin_class = RKRPlugin
 
 
 class Piggyback(MethodStrategy):
-    """Piggyback: one learned binary mask over the frozen weights per task.
-
-    Options: ``mask_init`` (1e-2), ``mask_threshold`` (5e-3), and the common ones
-    (``split_qkv``, ``head_name``, ``bn_policy``, ``train_base_first``,
-    ``adapt_patch_embed``).
-    """
+    """Piggyback: one learned binary mask over the frozen weights per task."""
 
     plugin_class = PiggybackPlugin
 
 
 class MaskRKR(MethodStrategy):
-    """Mask-RKR: RKR factors learned on the first task, binary masks over them after.
-
-    Options: ``rank`` (2), ``mask_init`` (1e-2), ``mask_threshold`` (5e-3), ``mask_rg``
-    (True), ``mask_sfg`` (True), ``mask_placement`` ("factors"), and the common ones.
-    """
+    """Mask-RKR: RKR factors learned on the first task, binary masks over them after."""
 
     plugin_class = MaskRKRPlugin
