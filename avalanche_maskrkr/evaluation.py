@@ -22,6 +22,9 @@ experience, ``i``: training experience, all zero-padded to three digits):
 * ``Time_Epoch/train_phase/train_stream/Task{t}``: seconds per training epoch.
 * ``PeakMemory_MB/train_phase/train_stream/Task{t}/Exp{i}``: see
   :class:`PeakMemory`.
+* ``Params_Total/train_phase/train_stream/Task{t}/Exp{i}`` and
+  ``Bytes_Per_Task/...``: see :class:`ParameterCost` (not among the defaults;
+  pass it in ``extra_metrics``).
 
 The ``Task{t}/`` part is left out when an experience holds several task labels.
 Values are read back with ``evaluator.get_all_metrics()``, which maps each name
@@ -53,6 +56,9 @@ from avalanche.evaluation.metrics import (
 from avalanche.logging import BaseLogger, InteractiveLogger
 from avalanche.training.plugins import EvaluationPlugin
 
+from .accounting import method_cost
+from .network import TaskAwareNetwork
+
 if TYPE_CHECKING:
     from avalanche.training.templates import SupervisedTemplate
 
@@ -62,6 +68,8 @@ MetricHistory = Mapping[str, tuple[Sequence[int], Sequence[Any]]]
 _BYTES_PER_MB = 1024 * 1024
 EPOCH_TIME_PREFIX = "Time_Epoch/train_phase/"
 PEAK_MEMORY_PREFIX = "PeakMemory_MB/train_phase/"
+PARAMS_TOTAL = "Params_Total"
+BYTES_PER_TASK = "Bytes_Per_Task"
 
 
 def _peak_memory_mb(device: torch.device | str) -> float:
@@ -111,6 +119,55 @@ class PeakMemory(PluginMetric[float]):
 
     def __str__(self) -> str:
         return "PeakMemory_MB"
+
+
+class ParameterCost(PluginMetric[dict]):
+    """Parameters and storage per task of ``strategy.model`` after each training
+    experience, with the paper's conventions (SPEC section 4).
+
+    A :class:`~avalanche_maskrkr.network.TaskAwareNetwork` is measured by
+    :func:`avalanche_maskrkr.accounting.method_cost`: base + heads + task
+    parameters, a binary mask entry counting 1/32 of a parameter; bytes per
+    task are the mean over its tasks of head and task parameters, masks
+    bit-packed. Any other model counts all its parameters, and its bytes per
+    task are the whole model's bytes divided by the number of tasks it has
+    trained (``known_train_tasks_labels`` of a ``MultiTaskModule``, else 1):
+    one model per task for separate models, the shared network spread over
+    the tasks for a multi-head one. Logged as
+    ``Params_Total/train_phase/train_stream/Task{t:03}/Exp{i:03}`` and
+    ``Bytes_Per_Task/...`` (read back with :func:`parameter_cost`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cost = {"total_params": 0.0, "bytes_per_task": 0.0}
+
+    def reset(self) -> None:
+        self._cost = {"total_params": 0.0, "bytes_per_task": 0.0}
+
+    def result(self) -> dict:
+        return dict(self._cost)
+
+    def after_training_exp(self, strategy: SupervisedTemplate) -> MetricResult:
+        model = strategy.model
+        if isinstance(model, TaskAwareNetwork):
+            self._cost = method_cost(model)
+        else:
+            params = list(model.parameters())
+            tasks = len(getattr(model, "known_train_tasks_labels", ())) or 1
+            self._cost = {
+                "total_params": float(sum(p.numel() for p in params)),
+                "bytes_per_task": sum(p.numel() * p.element_size() for p in params) / tasks,
+            }
+        step = strategy.clock.train_iterations
+        return [
+            MetricValue(self, get_metric_name(name, strategy, add_experience=True), value, step)
+            for name, value in ((PARAMS_TOTAL, self._cost["total_params"]),
+                                (BYTES_PER_TASK, self._cost["bytes_per_task"]))
+        ]
+
+    def __str__(self) -> str:
+        return PARAMS_TOTAL
 
 
 def make_evaluator(
@@ -176,6 +233,22 @@ def peak_memory_mb(evaluator_or_metrics: EvaluationPlugin | MetricHistory) -> fl
     """Largest ``PeakMemory_MB`` value logged (MiB); 0.0 if none was logged."""
     values = _values_with_prefix(_history(evaluator_or_metrics), PEAK_MEMORY_PREFIX)
     return max(values, default=0.0)
+
+
+def parameter_cost(evaluator_or_metrics: EvaluationPlugin | MetricHistory) -> dict[str, float]:
+    """``{"total_params", "bytes_per_task"}`` last logged by :class:`ParameterCost`.
+
+    :raises ValueError: if :class:`ParameterCost` logged nothing.
+    """
+    history = _history(evaluator_or_metrics)
+    cost = {}
+    for key, name in (("total_params", PARAMS_TOTAL), ("bytes_per_task", BYTES_PER_TASK)):
+        logged = [(steps[-1], values[-1]) for metric, (steps, values) in history.items()
+                  if metric.startswith(f"{name}/train_phase/") and steps]
+        if not logged:
+            raise ValueError(f"no {name} value logged: add ParameterCost() to the evaluator")
+        cost[key] = float(max(logged, key=lambda pair: pair[0])[1])
+    return cost
 
 
 def collect_accuracy_matrix(
