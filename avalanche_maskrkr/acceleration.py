@@ -97,6 +97,13 @@ class LossScaler:
             self.good_steps = 0
 
 
+def _float_logits(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: a head's logits in fp32. Avalanche's ``MultiTaskModule.forward``
+    gathers the per-task outputs into a float32 tensor, which rejects autocast's
+    low-precision logits; the loss is computed in fp32 under autocast anyway."""
+    return output.float()
+
+
 class AccelerationPlugin(SupervisedPlugin, supports_distributed=True):
     """Mixed precision, channels-last and ``torch.compile`` for any strategy.
 
@@ -125,6 +132,11 @@ class AccelerationPlugin(SupervisedPlugin, supports_distributed=True):
     # -- model preparation ----------------------------------------------------------
     def _prepare_model(self, strategy) -> None:
         model = strategy.model
+        heads = getattr(model, "heads", None)
+        if self.precision != "fp32" and isinstance(heads, nn.ModuleDict):
+            for head in heads.values():
+                if _float_logits not in head._forward_hooks.values():
+                    head.register_forward_hook(_float_logits)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         if self.compile_kwargs is not None and id(model) not in self._compiled:
@@ -143,8 +155,8 @@ class AccelerationPlugin(SupervisedPlugin, supports_distributed=True):
     def before_training_exp(self, strategy, **kwargs):
         self._prepare_model(strategy)  # parameters created by this experience's adaptation
 
-    def before_eval(self, strategy, **kwargs):
-        self._prepare_model(strategy)
+    def before_eval_exp(self, strategy, **kwargs):
+        self._prepare_model(strategy)  # heads created by the evaluation's adaptation
 
     # -- autocast around forward and loss ---------------------------------------------
     def _enter(self, strategy) -> None:
