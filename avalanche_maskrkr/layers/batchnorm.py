@@ -24,6 +24,7 @@ class TaskBatchNorm(TaskModule):
     def add_task(self, task: int) -> None:
         norm = copy.deepcopy(self.base)
         norm.requires_grad_(True)
+        norm.train(self.training)  # the base may sit in eval mode; the copy trains
         self.tasks[str(task)] = norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,105 @@
+"""Conversion: finding the classifier, which layers are wrapped, and how."""
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import avalanche_maskrkr as amr
+from avalanche_maskrkr.layers import RKRLayer, TaskAdaptedLayer, TaskBatchNorm
+from backbones import BACKBONES
+
+
+def _on_meta(build):
+    with torch.device("meta"):
+        return build()
+
+
+@pytest.mark.parametrize("build,head", [
+    (BACKBONES["vit"], "head"),
+    (BACKBONES["swin"], "head.fc"),
+    (BACKBONES["resnet"], "fc"),
+    (BACKBONES["mlp"], "classifier"),
+    (lambda: torchvision.models.resnet18(num_classes=3), "fc"),
+    (lambda: torchvision.models.vit_b_16(num_classes=3), "heads.head"),
+    (lambda: torchvision.models.efficientnet_b0(num_classes=3), "classifier.1"),
+])
+def test_classifier_is_found(build, head):
+    assert amr.find_classifier(_on_meta(build)) == head
+
+
+def test_missing_classifier_asks_for_head_name():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="head_name"):
+        amr.convert(model, "rkr")
+    network = amr.convert(model, "rkr", head_name="2")
+    assert network.feature_dim == 4 and isinstance(network.backbone[2], nn.Identity)
+
+
+def _wrapped(network):
+    return {n: m for n, m in network.backbone.named_modules() if isinstance(m, TaskAdaptedLayer)}
+
+
+def test_vit_adapts_every_linear_but_not_patch_embedding_and_splits_qkv():
+    model = BACKBONES["vit"]()
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "head"]
+    network = amr.convert(model, "rkr")
+    wrapped = _wrapped(network)
+    assert sorted(wrapped) == sorted(linears)
+    assert all(m.n_split == (3 if n.endswith("qkv") else 1) for n, m in wrapped.items())
+    assert isinstance(network.backbone.patch_embed.proj, nn.Conv2d)
+    assert not isinstance(network.backbone.patch_embed.proj, TaskAdaptedLayer)
+    unsplit = _wrapped(amr.convert(BACKBONES["vit"](), "rkr", split_qkv=False))
+    assert all(m.n_split == 1 for m in unsplit.values())
+    with_patch = _wrapped(amr.convert(BACKBONES["vit"](), "piggyback", adapt_patch_embed=True))
+    assert "patch_embed.proj" in with_patch
+
+
+def test_cnn_adapts_every_convolution_including_stem_grouped_and_depthwise():
+    model = timm.create_model("mobilenetv3_small_050", num_classes=3)
+    convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+             and n != "classifier"]
+    assert any(m.groups > 1 for m in model.modules() if isinstance(m, nn.Conv2d))
+    network = amr.convert(model, "rkr")
+    wrapped = _wrapped(network)
+    assert sorted(wrapped) == sorted(convs) and "conv_stem" in wrapped
+    network.add_task(0, 3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = network.eval()(x, 0)
+    assert out.shape == (2, 3)
+
+
+def test_frozen_base_and_per_task_batchnorm():
+    model = BACKBONES["resnet"]()
+    n_norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    network = amr.convert(model, "piggyback", bn_policy="per_task")
+    assert not any(p.requires_grad for p in network.parameters())
+    norms = [m for m in network.backbone.modules() if isinstance(m, TaskBatchNorm)]
+    assert len(norms) == n_norms > 0
+    network.add_task(0, 2)
+    network.train()
+    assert all(m.tasks["0"].training and not m.base.training for m in norms)
+
+
+def test_multihead_attention_projections_stay_frozen_with_a_warning():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.mlp = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.mlp(self.attn(x, x, x)[0]).mean(1))
+
+    with pytest.warns(UserWarning, match="attn.out_proj"):
+        network = amr.convert(Tiny(), "rkr")
+    assert sorted(_wrapped(network)) == ["mlp"]
+    network.add_task(0, 2)
+    assert network.eval()(torch.randn(3, 4, 8), 0).shape == (3, 2)
+
+
+def test_rank_reaches_the_layers():
+    network = amr.convert(BACKBONES["mlp"](), "mask-rkr", rank=5)
+    assert all(isinstance(m, RKRLayer) and m.rank == 5 for m in _wrapped(network).values())
