@@ -79,12 +79,13 @@ class Setup:
     model: nn.Module
     forward: Callable[[torch.Tensor], torch.Tensor]
     optimizer: torch.optim.Optimizer
+    task: int | None = None  # the task a method's network trains (None: fine-tuning)
 
 
 def build_setup(base: nn.Module, method: str, device: torch.device, batch: int,
                 channels_last: bool) -> Setup:
     """``method`` ("ft" or one of METHODS) over a copy of ``base``, ready to train."""
-    model = copy.deepcopy(base)
+    model, task = copy.deepcopy(base), None
     if method == "ft":
         model.requires_grad_(True)
         params, forward = list(model.parameters()), model
@@ -105,15 +106,7 @@ def build_setup(base: nn.Module, method: str, device: torch.device, batch: int,
     model.to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    return Setup(model, forward, torch.optim.Adam(params, lr=1e-4))
-
-
-def finish(setup: Setup) -> None:
-    """Freeze the trained task of a method's network (masks packed), for evaluation."""
-    net = setup.model
-    if not isinstance(net, nn.Module) or not hasattr(net, "adapted_tasks"):
-        return
-    net.finish_task(net.adapted_tasks[-1])
+    return Setup(model, forward, torch.optim.Adam(params, lr=1e-4), task)
 
 
 def _sync(device: torch.device) -> None:
@@ -243,7 +236,8 @@ def benchmark(args: argparse.Namespace, backbone: str) -> list[dict]:
     train = alternate({n: (lambda s=s: train_step(s, x, y, args.precision))
                        for n, s in setups.items()}, args.repeats, args.warmup, device)
     for setup in setups.values():
-        finish(setup)
+        if setup.task is not None:
+            setup.model.finish_task(setup.task)  # evaluation of a finished task
         setup.model.eval()
     evals = {n: (lambda s=s: eval_step(s, x, args.precision)) for n, s in setups.items()}
     for step in evals.values():
