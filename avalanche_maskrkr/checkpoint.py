@@ -33,16 +33,16 @@ import torch
 from avalanche.training.plugins import (
     EvaluationPlugin,
     EWCPlugin,
-    LRSchedulerPlugin,
     LwFPlugin,
     SynapticIntelligencePlugin,
 )
 from avalanche.training.plugins.clock import Clock
 from avalanche.training.templates import SupervisedTemplate
+from avalanche.training.templates.base_sgd import PeriodicEval
 from avalanche.training.utils import ParamData
 from torch import nn
 
-from .baselines import FreshOptimizerState
+from .baselines import FreshOptimizerState, StepDecay
 from .conversion import find_classifier
 from .plugins import MethodPlugin
 
@@ -56,9 +56,10 @@ PLUGIN_STATE: dict[type, tuple[str, ...]] = {
 }
 """Plugin class -> attributes (dotted) that carry state between experiences."""
 
-STATELESS_PLUGINS = (MethodPlugin, FreshOptimizerState, EvaluationPlugin, Clock,
-                     LRSchedulerPlugin)
-"""Plugins whose state between experiences is in the model (or that reset each one)."""
+STATELESS_PLUGINS = (MethodPlugin, FreshOptimizerState, StepDecay, EvaluationPlugin, Clock,
+                     PeriodicEval)
+"""Plugins whose state between experiences is in the model, the clock or the metric
+history (or that reset each experience)."""
 
 _PARAM_DATA, _MODULE = "__ParamData__", "__module_state__"
 
@@ -98,7 +99,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike, head_name: str | Non
         except (KeyError, RuntimeError, ValueError) as err:
             raise WeightsError(f"{path.name} does not fit {type(model).__name__}: {err}") from err
         return
-    state = timm.models.load_state_dict(str(path), weights_only=True)
+    try:
+        state = timm.models.load_state_dict(str(path), weights_only=True)
+    except Exception as err:  # torch and safetensors raise many types for unreadable files
+        raise WeightsError(f"cannot read {path.name} as a state dict ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0][:200]})") from err
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, model)
@@ -149,7 +154,8 @@ def _decode(value: Any, like: Any, model: nn.Module, device: torch.device) -> An
             return defaultdict(like.default_factory, decoded)
         return decoded
     if isinstance(value, (list, tuple)):
-        items = like if isinstance(like, (list, tuple)) and len(like) == len(value) else [None] * len(value)
+        same = isinstance(like, (list, tuple)) and len(like) == len(value)
+        items = like if same else [None] * len(value)
         return type(value)(_decode(v, w, model, device) for v, w in zip(value, items))
     return value
 
@@ -248,7 +254,8 @@ def read_checkpoint(path: Path, config: Mapping[str, Any]) -> dict | None:
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"not a format-{FORMAT} run checkpoint")
     except Exception as err:  # torch.load raises many types for damaged files
-        raise CheckpointError(f"cannot read checkpoint {path} ({err}); {RESTART_HINT}") from err
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged, or not a run checkpoint "
+                              f"({type(err).__name__}); {RESTART_HINT}") from err
     if differences := _differences(payload["config"], config):
         raise CheckpointError(f"checkpoint {path} was written by another configuration ("
                               + "; ".join(differences) + f"); {RESTART_HINT}")

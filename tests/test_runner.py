@@ -1,0 +1,175 @@
+"""Tests of the experiment runner: the default job's outputs, resuming, checkpoint errors,
+and weights files."""
+from __future__ import annotations
+
+import argparse
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from avalanche_maskrkr import cli, runner
+from avalanche_maskrkr.checkpoint import WeightsError, load_weights
+
+HEADER = "strategy,avg_accuracy,forgetting,total_params,overhead_pct,train_seconds"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FAST = ["--epochs", "1", "--tasks", "2"]
+
+
+def parse(argv: list[str]) -> runner.RunConfig:
+    parser = argparse.ArgumentParser()
+    runner.add_arguments(parser)
+    return runner.config_from_args(parser.parse_args(argv))
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_at(label: str, experience: int) -> runner.ExperienceHook:
+    def hook(name: str, k: int) -> None:
+        if (name, k) == (label, experience):
+            raise Killed
+    return hook
+
+
+def test_no_arguments_is_the_default_job() -> None:
+    config = parse([])
+    assert config == runner.RunConfig()
+    assert config.strategies == ("rkr", "piggyback", "mask-rkr", "naive", "single", "ewc", "lwf")
+    resolved = runner.resolve(config)
+    assert (resolved.benchmark, resolved.model, resolved.img_size, resolved.threads) == (
+        "digits", "test_resnet", 8, 1)
+    assert resolved.options["train_base_first"] is True
+    assert resolved.out == "results/digits-test_resnet"
+    assert runner.resolve(parse(["--weights", "w.pth"])).options["train_base_first"] is False
+    assert parse(["--rank", "4", "--no-mask-sfg"]).options == {"rank": 4, "mask_sfg": False}
+
+
+def test_default_job_writes_summary_matrices_and_plots(tmp_path, capsys) -> None:
+    cli.main(["run", "--epochs", "1", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "train_base_first" in printed and "| mask-rkr |" in printed
+    lines = (tmp_path / "summary.csv").read_text().splitlines()
+    assert lines[0] == HEADER
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    strategies = ["rkr", "piggyback", "mask-rkr", "naive", "single", "ewc", "lwf"]
+    assert summary["strategy"].tolist() == strategies
+    assert summary["avg_accuracy"].between(0, 1).all()
+    by_name = summary.set_index("strategy")
+    # The methods and separate models never change a finished task.
+    assert (by_name.loc[["rkr", "piggyback", "mask-rkr", "single"], "forgetting"] == 0).all()
+    assert by_name.loc["single", "overhead_pct"] == pytest.approx(400.0)  # 5 whole models
+    assert by_name.loc["naive", "total_params"] < by_name.loc["rkr", "total_params"]
+    assert (summary["train_seconds"] > 0).all()
+    for name in strategies:
+        matrix = pd.read_csv(tmp_path / f"accuracy_matrix_{name}.csv", index_col=0)
+        assert matrix.shape == (5, 5)
+        assert np.isnan(matrix.to_numpy()[0, 1])  # tasks are evaluated once trained
+        for plot in (f"accuracy_heatmap_{name}.png", f"task_curves_{name}.png"):
+            assert (tmp_path / plot).read_bytes().startswith(PNG_MAGIC)
+    assert (tmp_path / "strategy_bars.png").read_bytes().startswith(PNG_MAGIC)
+    assert (tmp_path / "accuracy_vs_overhead.png").read_bytes().startswith(PNG_MAGIC)
+    assert (tmp_path / "checkpoints" / "lwf.pt").is_file()
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_results(tmp_path) -> None:
+    argv = ["--strategies", "mask-rkr,single,ewc,lwf", "--epochs", "1"]
+    full = runner.run(parse([*argv, "--out", str(tmp_path / "full")]))
+    resumed_argv = [*argv, "--out", str(tmp_path / "killed")]
+    for point in [("mask-rkr", 1), ("single", 3), ("ewc", 2), ("lwf", 1)]:
+        with pytest.raises(Killed):
+            runner.run(parse(resumed_argv), after_experience=kill_at(*point))
+    trained = []
+    result = runner.run(parse(resumed_argv), after_experience=lambda *at: trained.append(at))
+    assert trained == [("lwf", k) for k in range(2, 5)]  # finished strategies are kept
+    for name, matrix in full.matrices.items():
+        np.testing.assert_array_equal(result.matrices[name], matrix)
+    pd.testing.assert_frame_equal(result.summary.drop(columns="train_seconds"),
+                                  full.summary.drop(columns="train_seconds"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    cli.main(["run", "--strategies", "naive,rkr", *FAST, "--out", str(out)])
+    return out
+
+
+def test_mismatched_or_corrupt_checkpoint_is_an_error_and_kept(finished_run, tmp_path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    checkpoint = out / "checkpoints" / "rkr.pt"
+    before = checkpoint.read_bytes()
+    mismatch = r"rkr\.pt was written by another configuration \(rank: None in the checkpoint, "
+    with pytest.raises(SystemExit, match=mismatch + r"4 now\); pass --restart"):
+        cli.main(["run", "--strategies", "naive,rkr", *FAST, "--rank", "4", "--out", str(out)])
+    assert checkpoint.read_bytes() == before
+    checkpoint.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match=r"cannot read checkpoint .*rkr\.pt.*--restart"):
+        cli.main(["run", "--strategies", "naive,rkr", *FAST, "--out", str(out)])
+    assert checkpoint.read_bytes() == b"not a checkpoint"
+    cli.main(["run", "--strategies", "naive,rkr", *FAST, "--out", str(out), "--restart"])
+    assert checkpoint.read_bytes() != b"not a checkpoint"
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "summary.csv").drop(columns="train_seconds"),
+        pd.read_csv(finished_run / "summary.csv").drop(columns="train_seconds"))
+
+
+def test_finished_run_is_reported_again_without_training(finished_run, tmp_path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    trained = []
+    result = runner.run(parse(["--strategies", "naive,rkr", *FAST, "--out", str(out)]),
+                        after_experience=lambda *at: trained.append(at))
+    assert trained == []
+    assert result.summary["strategy"].tolist() == ["naive", "rkr"]
+
+
+def _save(model: torch.nn.Module, path) -> None:
+    if path.suffix == ".safetensors":
+        safetensors.torch.save_file(model.state_dict(), str(path))
+    else:
+        torch.save({"state_dict": model.state_dict()}, path)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_fitting_weights_load_except_the_classifier(tmp_path, suffix) -> None:
+    path = tmp_path / f"weights{suffix}"
+    source = timm.create_model("test_resnet", num_classes=1000)
+    _save(source, path)
+    config = runner.resolve(parse(["--weights", str(path)]))
+    model = runner.build_backbone(config, num_classes=2)
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("fc."):
+            torch.testing.assert_close(tensor, source.state_dict()[name], rtol=0, atol=0)
+    assert model.fc.out_features == 2
+
+
+def test_weights_that_do_not_fit_name_the_keys_and_shapes(tmp_path) -> None:
+    other = tmp_path / "vit.safetensors"
+    _save(timm.create_model("test_vit", num_classes=2), other)
+    with pytest.raises(SystemExit, match=r"vit\.safetensors does not fit ResNet.*missing keys "
+                                         r"\['bn1\.bias'.*unexpected keys \['blocks\.0"):
+        cli.main(["run", "--weights", str(other), "--out", str(tmp_path / "out")])
+    narrow = timm.create_model("test_resnet", num_classes=2)
+    narrow.layer1[0].conv1.weight.data = torch.zeros(32, 32, 1, 1)
+    wrong_shape = tmp_path / "shape.pth"
+    _save(narrow, wrong_shape)
+    with pytest.raises(WeightsError, match=r"layer1\.0\.conv1\.weight: shape \(32, 32, 1, 1\) "
+                                          r"in the file, \(32, 32, 3, 3\) in the model"):
+        load_weights(timm.create_model("test_resnet", num_classes=2), wrong_shape)
+    npz = tmp_path / "w.npz"
+    np.savez(npz, unrelated=np.zeros(3))
+    with pytest.raises(WeightsError, match=r"\.npz is timm's original ViT"):
+        load_weights(timm.create_model("test_resnet"), npz)
+    with pytest.raises(WeightsError, match=r"w\.npz does not fit VisionTransformer"):
+        load_weights(timm.create_model("test_vit"), npz)
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(WeightsError, match=r"cannot read junk\.pth"):
+        load_weights(timm.create_model("test_resnet"), tmp_path / "junk.pth")
+    assert not (tmp_path / "out" / "checkpoints").exists()
