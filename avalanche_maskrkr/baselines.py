@@ -14,6 +14,7 @@ every strategy.
 Avalanche's ``as_multitask`` fails on timm's Swin head (SPEC section 7), so the
 multi-head model is built here: the classifier found by
 :func:`~avalanche_maskrkr.conversion.find_classifier` is replaced by one head per task.
+Importing this module registers ``simple_mlp`` with timm (a model PackNet accepts).
 """
 from __future__ import annotations
 

@@ -140,7 +140,7 @@ class ParameterCost(PluginMetric[dict]):
 
     def __init__(self) -> None:
         super().__init__()
-        self._cost = {"total_params": 0.0, "bytes_per_task": 0.0}
+        self.reset()
 
     def reset(self) -> None:
         self._cost = {"total_params": 0.0, "bytes_per_task": 0.0}

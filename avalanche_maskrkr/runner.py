@@ -11,10 +11,10 @@ is frozen from the start.
 Writes to --out (default results/<benchmark>-<model>): summary.csv (strategy,
 avg_accuracy, forgetting, total_params, overhead_pct, train_seconds), summary.md,
 accuracy_matrix_<strategy>.csv (row i, column j: accuracy on task j after training task
-i), plots, and checkpoints/<strategy>.pt after every experience. The same command run
-again resumes after the last finished experience (finished strategies are not retrained)
-and gives the same results; a checkpoint from another configuration is an error (pass
---restart to start over).
+i), plots, and checkpoints/<strategy>.pt after every experience (replay and packnet: at
+their end). The same command run again resumes after the last finished experience
+(finished strategies are not retrained) and gives the same results; a checkpoint from
+another configuration is an error (pass --restart to start over).
 
 Each strategy has its own default learning rate (DEFAULT_LR, measured on digits: mask
 scores and the methods' small factors want different rates than whole networks); --lr
@@ -71,7 +71,7 @@ from .evaluation import (
     parameter_cost,
     total_train_time,
 )
-from .options import BN_POLICIES, METHODS, make_options, option_names
+from .options import BN_POLICIES, METHODS, MethodOptions, make_options, option_names
 from .layers import PLACEMENTS
 from .plots import plot_all
 from .results import format_table, strategy_slug, summary_frame, summary_row, write_results
@@ -584,6 +584,18 @@ def run_example(argv: Sequence[str] | None, doc: str, name: str, variants: Varia
         return run(config, variants(config, scenario), scenario=scenario)
 
 
+def reproduce_paper(argv: Sequence[str] | None, doc: str, title: str, paper: PaperNumbers,
+                    smoke_data: Callable[[Path], Path], variants: VariantsFactory | None = None,
+                    name: str = "paper", **defaults) -> RunResult:
+    """An example reproducing one of the paper's tables: :func:`run_example` of
+    ``variants`` (default :func:`paper_variants`) with Piggyback's recipe, then
+    :func:`compare_with_paper`."""
+    result = run_example(argv, doc, name, variants or paper_variants, smoke_data,
+                         **{**PIGGYBACK_RECIPE, **defaults})
+    compare_with_paper(result, paper, title)
+    return result
+
+
 def strategy_variants(config: RunConfig, scenario) -> list[Variant]:
     """One variant per ``config.strategies`` entry."""
     return [Variant(s, s) for s in config.strategies]
@@ -592,11 +604,11 @@ def strategy_variants(config: RunConfig, scenario) -> list[Variant]:
 def paper_variants(config: RunConfig, scenario) -> list[Variant]:
     """The paper's rows: RKR (K=2), Piggyback, Mask-RKR (K=2), Mask-RKR (K+, matching
     RKR's total, :func:`~avalanche_maskrkr.accounting.find_k_plus`), Single, Multi-Head."""
-    conversion = {k: v for k, v in config.options.items()
-                  if k in ("split_qkv", "head_name", "adapt_patch_embed", "bn_policy")}
+    shared = option_names(MethodOptions)  # options of both RKR and Mask-RKR
     k_plus = find_k_plus(config.model, len(scenario.train_stream), rank=2,
                          classes_per_task=len(scenario.train_stream[0].classes_in_this_experience),
-                         img_size=config.img_size, **conversion)
+                         img_size=config.img_size,
+                         **{k: v for k, v in config.options.items() if k in shared})
     return [Variant("rkr", "rkr", {"rank": 2}), Variant("piggyback", "piggyback"),
             Variant("mask-rkr", "mask-rkr", {"rank": 2}),
             Variant("mask-rkr-k+", "mask-rkr", {"rank": k_plus}),

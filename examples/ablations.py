@@ -44,10 +44,9 @@ ABLATIONS = [
 
 
 def main(argv: list[str] | None = None) -> None:
-    result = runner.run_example(argv, __doc__, "ablations", lambda config, scenario: ABLATIONS,
-                                write_miniature_cifar100, benchmark="cifar100",
-                                model="resnet18_cifar", **runner.PIGGYBACK_RECIPE)
-    runner.compare_with_paper(result, PAPER, "Mask-RKR ablations")
+    runner.reproduce_paper(argv, __doc__, "Mask-RKR ablations", PAPER, write_miniature_cifar100,
+                           variants=lambda config, scenario: ABLATIONS, name="ablations",
+                           benchmark="cifar100", model="resnet18_cifar")
 
 
 if __name__ == "__main__":

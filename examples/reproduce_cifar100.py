@@ -57,10 +57,8 @@ def write_miniature_cifar100(folder: Path, per_class: int = 2) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    result = runner.run_example(argv, __doc__, "paper", runner.paper_variants,
-                                write_miniature_cifar100, benchmark="cifar100",
-                                model="resnet18_cifar", **runner.PIGGYBACK_RECIPE)
-    runner.compare_with_paper(result, PAPER, "Split CIFAR-100")
+    runner.reproduce_paper(argv, __doc__, "Split CIFAR-100", PAPER, write_miniature_cifar100,
+                           benchmark="cifar100", model="resnet18_cifar")
 
 
 if __name__ == "__main__":

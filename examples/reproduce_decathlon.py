@@ -67,11 +67,9 @@ def write_miniature_decathlon(folder: Path, classes: int = 2, per_class: int = 2
 
 
 def main(argv: list[str] | None = None) -> None:
-    result = runner.run_example(argv, __doc__, "paper", runner.paper_variants,
-                                write_miniature_decathlon, smoke={"tasks": None},
-                                benchmark="decathlon", model="resnet18",
-                                **runner.PIGGYBACK_RECIPE)
-    runner.compare_with_paper(result, PAPER, "Visual Decathlon")
+    result = runner.reproduce_paper(argv, __doc__, "Visual Decathlon", PAPER,
+                                    write_miniature_decathlon, smoke={"tasks": None},
+                                    benchmark="decathlon", model="resnet18")
     print(f"Unlabelled rows of the paper's table: {UNLABELLED}.\n")
     print(f"Decathlon score of this run ({result.config.model}; 250 per domain at the "
           "fine-tuning reference, 1000 at zero error):")

@@ -54,10 +54,8 @@ def write_miniature_imagenet(folder: Path, classes: int = 4, per_class: int = 2)
 
 
 def main(argv: list[str] | None = None) -> None:
-    result = runner.run_example(argv, __doc__, "paper", runner.paper_variants,
-                                write_miniature_imagenet, benchmark="imagenet",
-                                model="resnet18", **runner.PIGGYBACK_RECIPE)
-    runner.compare_with_paper(result, PAPER, "ImageNet-1k")
+    runner.reproduce_paper(argv, __doc__, "ImageNet-1k", PAPER, write_miniature_imagenet,
+                           benchmark="imagenet", model="resnet18")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import safetensors.torch
 import timm
 import torch
 
-from avalanche_maskrkr import cli, runner
+from avalanche_maskrkr import cli, convert, runner
+from avalanche_maskrkr.accounting import method_cost
 from avalanche_maskrkr.checkpoint import WeightsError, load_weights
 
 HEADER = "strategy,avg_accuracy,forgetting,total_params,overhead_pct,train_seconds"
@@ -74,7 +75,12 @@ def test_default_job_writes_summary_matrices_and_plots(tmp_path, capsys) -> None
             assert (tmp_path / plot).read_bytes().startswith(PNG_MAGIC)
     assert (tmp_path / "strategy_bars.png").read_bytes().startswith(PNG_MAGIC)
     assert (tmp_path / "accuracy_vs_overhead.png").read_bytes().startswith(PNG_MAGIC)
-    assert (tmp_path / "checkpoints" / "lwf.pt").is_file()
+    # The checkpoint's model restores into a fresh network, whose cost is the summary's.
+    state = torch.load(tmp_path / "checkpoints" / "rkr.pt", weights_only=True)
+    net = convert(timm.create_model("test_resnet", num_classes=2), "rkr", train_base_first=True)
+    net.load_state_dict(state["model"])
+    assert net.trained_tasks == [0, 1, 2, 3, 4]
+    assert by_name.loc["rkr", "total_params"] == round(method_cost(net)["total_params"])
 
 
 def test_a_killed_run_resumes_to_the_uninterrupted_results(tmp_path) -> None:
