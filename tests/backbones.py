@@ -9,7 +9,7 @@ def mlp():
 
 
 def vit():
-    return timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32,
+    return timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=2, embed_dim=32,
                              depth=2, num_heads=2, num_classes=2)
 
 
@@ -21,10 +21,12 @@ def swin():
 
 def resnet():
     """A ResNet with BatchNorm (timm's, narrow)."""
-    return ResNet(BasicBlock, [1, 1, 1, 1], channels=(8, 16, 32, 64), num_classes=2)
+    return ResNet(BasicBlock, [1, 1, 1, 1], channels=(8, 16, 32, 64), stem_width=16,
+                  num_classes=2)
 
 
 BACKBONES = {"mlp": mlp, "vit": vit, "swin": swin, "resnet": resnet}
-# split_digits arguments per backbone kind: flat 8x8 for the MLP, 3x16x16 images otherwise
-DIGITS_KW = {"mlp": {}, "vit": dict(image_size=16, channels=3),
-             "swin": dict(image_size=16, channels=3), "resnet": dict(image_size=16, channels=3)}
+# split_digits arguments per backbone kind: 8x8 digits, 3 channels for image backbones,
+# 16x16 for Swin (its windows need more tokens)
+DIGITS_KW = {"mlp": {}, "vit": dict(channels=3), "swin": dict(image_size=16, channels=3),
+             "resnet": dict(channels=3)}
