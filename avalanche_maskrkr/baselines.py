@@ -150,8 +150,9 @@ class MultiHeadNetwork(PerTaskModules):
         self._freeze_if_due()
 
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
-        """(batch, ...) inputs of one task -> (batch, classes of the task) logits."""
-        return self.task_module(task_label)(self.backbone(x))
+        """(batch, ...) inputs of one task -> (batch, classes of the task) fp32 logits
+        (under autocast too: Avalanche writes mixed batches into an fp32 tensor)."""
+        return self.task_module(task_label)(self.backbone(x)).float()
 
     def train(self, mode: bool = True):
         """A frozen backbone keeps its BatchNorm statistics (eval mode)."""
@@ -176,7 +177,8 @@ class SeparateModels(PerTaskModules):
         return self.make_model(n_classes)
 
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
-        return self.task_module(task_label)(x)
+        """(batch, ...) inputs of one task -> (batch, classes of the task) fp32 logits."""
+        return self.task_module(task_label)(x).float()
 
 
 class FreshOptimizerState(SupervisedPlugin):

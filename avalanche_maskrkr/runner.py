@@ -45,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import benchmarks
+from .acceleration import PRECISIONS, AccelerationPlugin
 from .accounting import create_backbone, find_k_plus
 from .baselines import (
     BASELINE_OPTION_NAMES,
@@ -86,11 +87,12 @@ DEFAULT_LR: dict[str, float] = {
 """Adam learning rate of each strategy when --lr is not given. Average accuracy on the
 default digits job (5 epochs) at each rate tried:
 rkr 1e-3 0.94, 3e-3 0.99, 1e-2 0.97; piggyback 5e-4 0.96, 1e-3 0.97, 2e-3 0.95,
-1e-2 0.60 (scores flip back and forth); mask-rkr 1e-3 0.84, 2e-3 0.87, 3e-3 0.82,
+1e-2 0.60; mask-rkr 1e-3 0.84, 2e-3 0.87, 3e-3 0.82,
 1e-2 0.75; whole networks, 3e-4 / 1e-3 / 3e-3: naive 0.92 / 0.93 / 0.75, single
 0.95 / 0.99 / 0.99, ewc 0.89 / 0.93 / 0.83 (lambda 1e3; 0.96 at 1e-3 with lambda 1e4),
 lwf 0.94 / 0.98 / 0.98.
 Other benchmarks want their own (the examples use Piggyback's recipe, 1e-4)."""
+
 
 class BenchmarkDefaults(NamedTuple):
     """What a benchmark runs on unless told otherwise."""
@@ -148,6 +150,7 @@ class RunConfig:
     lr_decay_epochs: int | None = None
     workers: int = 0
     threads: int | None = None
+    precision: str = "fp32"
     device: str | None = None
     seed: int = 0
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -278,6 +281,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--workers", type=int, default=d.workers, help="data loader workers")
     train.add_argument("--threads", type=int, help="CPU threads of torch (default: digits 1, "
                        "others torch's default)")
+    train.add_argument("--precision", choices=list(PRECISIONS), default=d.precision,
+                       help="autocast of forward and loss (AccelerationPlugin); other than "
+                            "fp32, a run checkpoints only at each strategy's end")
     train.add_argument("--device", help="default: cuda when available, else cpu")
     train.add_argument("--seed", type=int, default=d.seed)
     _add_option_arguments(parser)
@@ -402,6 +408,8 @@ def build_strategy(config: RunConfig, variant: Variant, num_classes: int) -> Sup
         return optimizer_class(params, lr=lr, weight_decay=config.weight_decay, **extra)
 
     plugins = [StepDecay(lr, config.lr_decay_epochs)] if config.lr_decay_epochs else []
+    if config.precision != "fp32":
+        plugins.append(AccelerationPlugin(precision=config.precision))
     return STRATEGIES[variant.strategy](
         functools.partial(build_backbone, config), num_classes, make_optimizer,
         strategy_options(config, variant), criterion=nn.CrossEntropyLoss(),
