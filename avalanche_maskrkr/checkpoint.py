@@ -69,7 +69,7 @@ class CheckpointError(RuntimeError):
 
 
 class WeightsError(ValueError):
-    """A weights file that does not fit the model."""
+    """A weights file that cannot be read or does not fit the model."""
 
 
 # -- pretrained weights --------------------------------------------------------------------
@@ -93,7 +93,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, head_name: str | Non
     if path.suffix.lower() == ".npz":
         if not hasattr(model, "load_pretrained"):
             raise WeightsError(f"{path.name}: .npz is timm's original ViT (JAX) format, which "
-                             f"{type(model).__name__} cannot read; pass .safetensors or .pth")
+                               f"{type(model).__name__} cannot read; pass .safetensors or .pth")
         try:
             timm.models.load_checkpoint(model, str(path))
         except (KeyError, RuntimeError, ValueError) as err:
@@ -120,7 +120,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, head_name: str | Non
                  if k in expected and v.shape != expected[k].shape]
     if problems:
         raise WeightsError(f"{path.name} does not fit {type(model).__name__} (classifier "
-                         f"{head[:-1]!r} skipped): " + "; ".join(problems))
+                           f"{head[:-1]!r} skipped): " + "; ".join(problems))
     model.load_state_dict(state, strict=False)
 
 
