@@ -109,7 +109,8 @@ class AccelerationPlugin(SupervisedPlugin, supports_distributed=True):
 
     Args:
         precision: "fp32" (default), "bf16" or "fp16" autocast of forward and loss;
-            fp16 adds dynamic loss scaling (:class:`LossScaler`).
+            the heads of a converted network return fp32 logits; fp16 adds dynamic
+            loss scaling (:class:`LossScaler`).
         channels_last: convert the model's 4-d parameters and the 4-d inputs to the
             channels-last layout (faster convolutions on recent GPUs).
         compile: ``torch.compile`` the model's ``backbone`` (True, or a dict of

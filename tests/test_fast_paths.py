@@ -140,3 +140,24 @@ def test_bf16_autocast_training_on_cpu(model_name):
     # bf16 rounding changes the smallest gradients; the descent direction stays
     low, full = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in reference])
     assert nn.functional.cosine_similarity(low, full, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("method", ["rkr", "piggyback"])
+def test_base_gradients_while_the_base_trains_with_the_first_task(method):
+    """``train_base_first``: the first task trains the base too, so its layers' training
+    path must return the gradients of W and b, as the simple path does."""
+    build, size = MODELS["resnet"]
+    torch.manual_seed(0)
+    net = convert(build(), method, train_base_first=True)
+    net.add_task(0, 3)
+    x = torch.randn(2, 3, size, size)
+    grads = []
+    for simple in (False, True):
+        base = net.base_parameters()
+        for p in base:
+            p.grad = None
+        _loss_and_grads(net.train(), 0, x, simple)
+        grads.append([p.grad for p in base])
+    assert all(g is not None for g in grads[0])
+    for fast, simple in zip(*grads):
+        torch.testing.assert_close(fast, simple, rtol=1e-3, atol=1e-5)
