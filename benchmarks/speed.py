@@ -11,6 +11,8 @@ same random weights and measured in one run:
   ``net(x, task_labels)``.
 * eval: one forward pass without gradients of a finished task (folded weights) against
   the plain network. The benchmark checks that the fold cache is reused across passes.
+* control: a second fine-tuning setup, timed like the others; how far its ratios are
+  from 1 shows the timing noise of the run.
 * memory: peak training memory, measured in a fresh process per configuration over two
   training steps (the first allocates gradients and optimizer state). CUDA:
   ``torch.cuda.max_memory_allocated`` above the allocation after building the model.
@@ -51,6 +53,7 @@ from avalanche_maskrkr.conversion import convert
 from avalanche_maskrkr.layers import TaskAdaptedLayer
 
 METHODS = ("rkr", "piggyback", "mask-rkr")
+CONTROL = "ft-copy"  # a second fine-tuning setup: its ratios show the timing noise
 CLASSES = 10
 
 
@@ -84,9 +87,9 @@ class Setup:
 
 def build_setup(base: nn.Module, method: str, device: torch.device, batch: int,
                 channels_last: bool) -> Setup:
-    """``method`` ("ft" or one of METHODS) over a copy of ``base``, ready to train."""
+    """``method`` ("ft", CONTROL or one of METHODS) over a copy of ``base``, ready to train."""
     model, task = copy.deepcopy(base), None
-    if method == "ft":
+    if method in ("ft", CONTROL):
         model.requires_grad_(True)
         params, forward = list(model.parameters()), model
     else:
@@ -231,7 +234,7 @@ def make_inputs(args: argparse.Namespace, backbone: str, device: torch.device):
 def benchmark(args: argparse.Namespace, backbone: str) -> list[dict]:
     device = torch.device(args.device)
     base, x, y = make_inputs(args, backbone, device)
-    names = ["ft", *args.methods]
+    names = ["ft", CONTROL, *args.methods]
     setups = {n: build_setup(base, n, device, len(x), args.channels_last) for n in names}
     train = alternate({n: (lambda s=s: train_step(s, x, y, args.precision))
                        for n, s in setups.items()}, args.repeats, args.warmup, device)
@@ -244,7 +247,7 @@ def benchmark(args: argparse.Namespace, backbone: str) -> list[dict]:
         step()  # fold once
     folds = {n: fold_snapshot(s.model) for n, s in setups.items()}
     evaluate = alternate(evals, args.eval_repeats, args.warmup, device)
-    memory = ({n: peak_memory_in_subprocess(args, backbone, n) for n in names}
+    memory = ({n: peak_memory_in_subprocess(args, backbone, n) for n in names if n != CONTROL}
               if args.memory else {})
     train_ratio, eval_ratio = ratios(train, "ft"), ratios(evaluate, "ft")
     rows = []
@@ -256,8 +259,8 @@ def benchmark(args: argparse.Namespace, backbone: str) -> list[dict]:
             "train_img_s": len(x) / t_train,
             "eval_ms": 1e3 * t_eval, "eval_ratio": eval_ratio[n], "eval_img_s": len(x) / t_eval,
             "fold_cache_reused": fold_snapshot(setups[n].model) == folds[n],
-            "peak_mib": memory[n] / 2 ** 20 if memory else None,
-            "memory_ratio": memory[n] / memory["ft"] if memory else None})
+            "peak_mib": memory[n] / 2 ** 20 if n in memory else None,
+            "memory_ratio": memory[n] / memory["ft"] if n in memory else None})
     return rows
 
 
