@@ -72,8 +72,9 @@ class TaskAwareNetwork(MultiTaskModule):
         return [p for p in self.backbone.parameters() if id(p) not in per_task]
 
     def add_head(self, task: int, n_classes: int) -> None:
-        self.heads[str(task)] = nn.Linear(self.feature_dim, n_classes,
-                                          device=self._adaptation_device)
+        base = next(self.backbone.parameters())
+        self.heads[str(task)] = nn.Linear(self.feature_dim, n_classes, device=base.device,
+                                          dtype=base.dtype)
 
     def add_task(self, task: int, n_classes: int) -> None:
         """Create the parameters and head of ``task`` before it trains."""
@@ -129,6 +130,17 @@ class TaskAwareNetwork(MultiTaskModule):
                               "the base network and an untrained head", stacklevel=2)
                 if str(task) not in self.heads:
                     self.add_head(task, n_classes)
+
+    def forward(self, x: torch.Tensor, task_labels: torch.Tensor | int | None) -> torch.Tensor:
+        """Avalanche's multi-task forward, with a fast path for a minibatch of one task
+        (the usual case): no copy of the inputs, logits in the head's dtype, padded with
+        zeros to ``max_class_label`` columns as Avalanche pads them."""
+        if isinstance(task_labels, torch.Tensor) and len(task_labels):
+            first = task_labels[0]
+            if bool((task_labels == first).all()):
+                out = self.forward_single_task(x, int(first))
+                return nn.functional.pad(out, (0, max(0, self.max_class_label - out.shape[1])))
+        return super().forward(x, task_labels)
 
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
         """(batch, ...) inputs of one task -> (batch, classes of that task) logits."""

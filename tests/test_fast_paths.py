@@ -15,7 +15,7 @@ from torch import nn
 
 from avalanche_maskrkr import convert
 from avalanche_maskrkr.accounting import create_backbone
-from avalanche_maskrkr.layers import PiggybackLayer, RKRLayer, TaskAdaptedLayer
+from avalanche_maskrkr.layers import PiggybackLayer, RKRLayer, TaskAdaptedLayer, TaskContext
 
 MODELS = {
     "vit": (lambda: create_backbone("vit_tiny_patch16_224", 3, img_size=32, depth=2), 32),
@@ -74,6 +74,18 @@ def _loss_and_grads(net, task, x, simple: bool):
             layer.__dict__.pop("forward_train", None)
 
 
+def _paths_taken(net, task, x) -> set[str]:
+    """The training paths the RKR layers of ``net`` take for ``x``."""
+    paths = set()
+    hooks = [m.register_forward_pre_hook(
+        lambda m, args: paths.add(m.training_path(args[0], task)))
+        for m in net.modules() if isinstance(m, RKRLayer)]
+    net.forward_single_task(x, task)
+    for hook in hooks:
+        hook.remove()
+    return paths
+
+
 def _count_folds(net):
     counts = {"n": 0}
     for layer in net.modules():
@@ -96,8 +108,9 @@ def test_fast_training_path_matches_simple_path(model_name, method):
     for fast, simple in zip(fast_grads, simple_grads):
         torch.testing.assert_close(fast, simple, rtol=1e-3, atol=1e-5)
     assert any(g.abs().sum() > 0 for g in fast_grads)
-    if method != "piggyback":  # RKR layers really take the activation path somewhere
-        assert any(m.on_activations for m in net.modules() if isinstance(m, RKRLayer))
+    if method != "piggyback":  # the RKR layers really take the fused paths
+        assert _paths_taken(net, task, x) >= ({"activations"} if model_name == "vit"
+                                              else {"fold"})
     assert all(p.grad is None for p in net.base_parameters())  # no base-weight gradient
 
 
@@ -161,3 +174,154 @@ def test_base_gradients_while_the_base_trains_with_the_first_task(method):
     assert all(g is not None for g in grads[0])
     for fast, simple in zip(*grads):
         torch.testing.assert_close(fast, simple, rtol=1e-3, atol=1e-5)
+
+
+# -- the fused layer functions against plain autograd, layer by layer ------------------------
+LAYERS = {
+    "linear": (lambda: nn.Linear(6, 8), (5, 6), {}),
+    "qkv": (lambda: nn.Linear(4, 12), (2, 7, 4), {"n_split": 3}),
+    "conv": (lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1), (2, 3, 7, 7), {}),
+    "conv-dilated": (lambda: nn.Conv2d(4, 3, (3, 2), stride=(1, 2), padding=(2, 1),
+                                       dilation=(2, 1), bias=False), (2, 4, 8, 9), {}),
+    "conv1x1": (lambda: nn.Conv2d(4, 6, 1), (2, 4, 5, 5), {}),
+}
+
+
+def _rkr_layer(kind: str, masks: bool):
+    """An RKR layer whose trained task has random factors and an F with an exact zero and
+    a value too small to divide by; with ``masks``, Mask-RKR masks of task 1 (some bits
+    off) over those factors."""
+    build, shape, kw = LAYERS[kind]
+    torch.manual_seed(0)
+    layer = RKRLayer(build().requires_grad_(False), TaskContext(), rank=2, mask_rg=masks,
+                     mask_sfg=masks, **kw)
+    layer.add_task(0)
+    own = layer.tasks["0"]
+    with torch.no_grad():
+        for p in (own.lm, own.rm, own.f):
+            p.copy_(torch.randn(p.shape))
+        own.f[:2] = torch.tensor([0.0, 1e-30])
+    task = 0
+    if masks:
+        layer.finish_task(0)
+        layer.add_task(1)
+        task = 1
+        with torch.no_grad():
+            for p in layer.task_parameters(1):
+                p.copy_(torch.randn(p.shape) * 1e-2 + 5e-3)  # threshold 5e-3: half the bits on
+            f_scores = layer.tasks["1"].f.scores  # both tiny channels on, every 4th off
+            f_scores.copy_(torch.where(torch.arange(len(f_scores)) % 4 == 3, 0.0, 1e-2))
+    layer.context.task = task
+    return layer, task, torch.randn(shape, requires_grad=True)
+
+
+def _backward(layer, task, x, out, g):
+    params = layer.task_parameters(task)
+    grads = torch.autograd.grad(out, [x, *params], g)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("path", ["fold", "activations"])
+@pytest.mark.parametrize("masks", [False, True])
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_rkr_fused_paths_equal_plain_autograd(kind, masks, path):
+    layer, task, x = _rkr_layer(kind, masks)
+    simple = layer.base_op(x, *layer.effective(task))
+    g = torch.randn(simple.shape)
+    expected_out, expected = _backward(layer, task, x, simple, g)
+    layer.path = path
+    assert layer.training_path(x, task) == path
+    out, grads = _backward(layer, task, x, layer.forward_train(x, task), g)
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-6)
+    assert len(grads) == len(expected) >= 3  # x, then LM, RM, F or their mask scores
+    for fast, slow in zip(grads, expected):
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("path", ["fold", "activations"])
+@pytest.mark.parametrize("kind", ["qkv", "conv"])
+def test_rkr_fused_paths_save_no_pre_scale_output(kind, path):
+    """Backward keeps x, the output y, the factors and the fold (or the K-channel z):
+    no second output-sized tensor (the pre-scale output autograd would keep for dL/dF)."""
+    layer, task, x = _rkr_layer(kind, masks=False)
+    layer.path = path
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer.forward_train(x, task)
+    pointers = [t.data_ptr() for t in saved]
+    assert x.data_ptr() in pointers and y.data_ptr() in pointers
+    others = [t for t in saved if t.data_ptr() not in (x.data_ptr(), y.data_ptr())]
+    assert others and all(t.numel() < y.numel() for t in others)
+
+
+@pytest.mark.parametrize("kind", ["linear", "qkv", "conv", "conv-dilated"])
+def test_piggyback_fused_path_equals_plain_autograd_and_keeps_no_masked_weight(kind):
+    build, shape, _ = LAYERS[kind]
+    torch.manual_seed(0)
+    layer = PiggybackLayer(build().requires_grad_(False), TaskContext())
+    layer.add_task(0)
+    mask = layer.tasks["0"].mask
+    with torch.no_grad():
+        mask.scores.copy_(torch.randn(mask.shape) * 1e-2)
+    layer.context.task = 0
+    x = torch.randn(shape, requires_grad=True)
+    simple = _simple_forward(layer, x, 0)
+    g = torch.randn(simple.shape)
+    expected_out, expected = _backward(layer, 0, x, simple, g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fused = layer.forward_train(x, 0)
+    out, grads = _backward(layer, 0, x, fused, g)
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-6)
+    for fast, slow in zip(grads, expected):
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    assert sorted(t.numel() for t in saved) == sorted([x.numel(), mask.scores.numel()])
+
+
+@pytest.mark.parametrize("path", ["fold", "activations"])
+def test_fused_paths_under_bf16_autocast_return_gradients_in_the_inputs_dtypes(path):
+    layer, task, x = _rkr_layer("conv", masks=True)
+    layer.path = path
+    reference_out, reference = _backward(layer, task, x, layer.forward_train(x, task),
+                                         torch.ones(2, 5, 4, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer.forward_train(x, task)
+    assert out.dtype == torch.bfloat16
+    out, grads = _backward(layer, task, x, out, torch.ones(out.shape, dtype=out.dtype))
+    assert (out.float() - reference_out).norm() < 0.02 * reference_out.norm()
+    for low, full in zip(grads, reference):
+        assert low.dtype == full.dtype == torch.float32
+        assert nn.functional.cosine_similarity(low.flatten(), full.flatten(), dim=0) > 0.99
+
+
+def test_single_task_minibatch_is_not_copied_and_equals_avalanche_forward():
+    from avalanche.models import MultiTaskModule
+    net, _, x = _network("resnet", "rkr")
+    net.add_task(1, 2)
+    net.max_class_label = 3  # what Avalanche's adaptation sets for tasks of 3 and 2 classes
+    seen = []
+    net.backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    net.eval()
+    with torch.no_grad():
+        for labels in (torch.ones(4, dtype=torch.long), torch.tensor([0, 1, 1, 0])):
+            seen.clear()
+            out = net(x, labels)
+            assert torch.equal(out, MultiTaskModule.forward(net, x, labels))
+            assert out.shape == (4, 3) and not out[labels == 1, 2].any()  # padded
+            assert (seen[0] is x) == bool((labels == 1).all())  # one task: no copy
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_bf16_network_creates_its_task_parameters_and_heads_in_bf16(method):
+    build, size = MODELS["resnet"]
+    net = convert(build().to(torch.bfloat16), method)
+    for task in ([0, 1] if method == "mask-rkr" else [0]):
+        net.add_task(task, 3)
+        params = net.trainable_parameters([task])
+        assert params and all(p.dtype == torch.bfloat16 for p in params)
+        out = net.train().forward_single_task(torch.randn(2, 3, size, size,
+                                                          dtype=torch.bfloat16), task)
+        out.float().square().sum().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in params)
+        net.finish_task(task)

@@ -25,18 +25,25 @@ def _random_task(layer, task=0, seed=0):
             _set(p, torch.randn(p.shape, generator=g))
 
 
-def _three_paths(layer, x, task=0):
-    """Outputs of the training fast path, the simple (materialised) path and the fold."""
+def _all_paths(layer, x, task=0):
+    """Outputs of every training path the layer has (RKR: fold and activations where
+    fused), the simple (materialised) path and the folded evaluation weight."""
     layer.context.task = task
-    fast = layer.forward_train(x, task)
-    simple = layer.base_op(x, *layer.effective(task))
+    outs = [layer.base_op(x, *layer.effective(task))]
+    paths = ["auto"]
+    if isinstance(layer, RKRLayer) and layer.training_path(x, task) != "autograd":
+        paths = ["fold", "activations"]
+    for path in paths:
+        layer.path = path
+        outs.append(layer.forward_train(x, task))
+    layer.path = "auto"
     with torch.no_grad():
-        folded = layer(x)
-    return fast, simple, folded
+        outs.append(layer(x))
+    return outs
 
 
 def _rkr(base, **kw):
-    layer = RKRLayer(base, TaskContext(), **kw)
+    layer = RKRLayer(base.requires_grad_(False), TaskContext(), **kw)  # frozen, as converted
     layer.add_task(0)
     _random_task(layer)
     return layer
@@ -51,9 +58,9 @@ def test_rkr_linear_matches_hand_computation():
     x = torch.randn(3, 5)
     # y = F * ((W + R) x + b) with R^T = LM RM (paper layout: in x K times K x out)
     expected = f * (x @ (base.weight.T + lm @ rm) + base.bias)
-    for out in _three_paths(layer, x):
+    for out in _all_paths(layer, x):
         torch.testing.assert_close(out, expected)
-    assert layer.on_activations
+    assert layer.training_path(x, 0) == "activations"  # 3 positions < 5 inputs
 
 
 def _hand_conv_rectification(lm, rm, out_ch, in_ch, kh, kw):
@@ -86,9 +93,9 @@ def test_rkr_conv_matches_hand_computation(conv_kw):
     r = _hand_conv_rectification(own.lm[0], own.rm[0], out_ch, in_ch, kh, kw)
     x = torch.randn(2, 4, 9, 8)
     expected = own.f.view(-1, 1, 1) * base._conv_forward(x, base.weight + r, base.bias)
-    for out in _three_paths(layer, x):
+    for out in _all_paths(layer, x):
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    assert layer.on_activations == (base.groups == 1 and base.kernel_size != (1, 1))
+    assert layer.training_path(x, 0) == ("fold" if base.groups == 1 else "autograd")
 
 
 def test_split_qkv_has_one_factor_pair_per_third():
@@ -100,7 +107,7 @@ def test_split_qkv_has_one_factor_pair_per_third():
     r = torch.cat([(own.lm[s] @ own.rm[s]).T for s in range(3)])  # q, k, v rows
     x = torch.randn(2, 7, 4)
     expected = own.f * (x @ (base.weight + r).T + base.bias)
-    for out in _three_paths(layer, x):
+    for out in _all_paths(layer, x):
         torch.testing.assert_close(out, expected)
     assert layer.task_cost(0).real == 2 * (3 * 4 + 12) + 12
 
@@ -130,15 +137,17 @@ def test_fast_path_gradients_equal_simple_path():
     for base, x in ((nn.Linear(6, 5), torch.randn(4, 6)),
                     (nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.randn(2, 3, 7, 7))):
         layer = _rkr(base.requires_grad_(False), rank=3)
-        grads = []
-        for path in ("fast", "simple"):
+        grads = {}
+        for path in ("fold", "activations", "simple"):
             layer.zero_grad()
-            out = (layer.forward_train(x, 0) if path == "fast"
+            layer.path = path if path != "simple" else "auto"
+            out = (layer.forward_train(x, 0) if path != "simple"
                    else layer.base_op(x, *layer.effective(0)))
             (out ** 2).sum().backward()
-            grads.append([p.grad.clone() for p in layer.task_parameters(0)])
-        for fast, simple in zip(*grads):
-            torch.testing.assert_close(fast, simple, rtol=1e-4, atol=1e-5)
+            grads[path] = [p.grad.clone() for p in layer.task_parameters(0)]
+        for path in ("fold", "activations"):
+            for fast, simple in zip(grads[path], grads["simple"]):
+                torch.testing.assert_close(fast, simple, rtol=1e-4, atol=1e-5)
         assert base.weight.grad is None  # the frozen base never gets a gradient
 
 
@@ -152,7 +161,7 @@ def test_piggyback_equation_and_straight_through_gradient():
     mask = (scores > 5e-3).float()
     x = torch.randn(4, 6)
     expected = x @ (base.weight * mask).T + base.bias
-    for out in _three_paths(layer, x):
+    for out in _all_paths(layer, x):
         torch.testing.assert_close(out, expected)
     # straight-through: dL/dS = dL/dW_eff * W
     w_eff = (base.weight * mask).detach().requires_grad_(True)
@@ -179,7 +188,7 @@ def test_mask_rkr_masks_the_first_tasks_factors():
     lm, rm = first.lm[0] * ml[0], first.rm[0] * mr[0]
     x = torch.randn(3, 5)
     expected = (first.f * mf) * (x @ (base.weight.T + lm @ rm) + base.bias)
-    for out in _three_paths(layer, x, task=1):
+    for out in _all_paths(layer, x, task=1):
         torch.testing.assert_close(out, expected)
     # stored cost of a later task: 1 bit per LM, RM, F entry
     n = 2 * (5 + 4) + 4
@@ -202,7 +211,7 @@ def test_mask_rkr_product_placement_and_unmasked_generators():
     r = _hand_conv_rectification(first.lm[0], first.rm[0], 4, 3, 3, 3) * second.r.mask()
     x = torch.randn(2, 3, 5, 5)
     expected = second.f.view(-1, 1, 1) * base._conv_forward(x, base.weight + r, base.bias)
-    for out in _three_paths(layer, x, task=1):
+    for out in _all_paths(layer, x, task=1):
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     assert layer.task_cost(1) == (4, base.weight.numel(), 16 + math.ceil(108 / 8))
     # placement "none" masks no generator: every task learns real LM and RM, as in RKR

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .functional import make_op
 from .masks import BinaryMask
 
 
@@ -90,11 +91,14 @@ class TaskAdaptedLayer(TaskModule):
     compute, the effective weight is folded once and cached, so evaluation costs what the
     plain layer costs. The cache is keyed on the version counters of every tensor the fold
     reads, so any in-place update (optimizer step, state-dict load) invalidates it.
+    ``self.op`` is the base's operation for the fused training paths of
+    :mod:`.functional` (None where they do not apply: plain autograd then).
     """
 
     def __init__(self, base: nn.Linear | nn.Conv2d, context: TaskContext):
         super().__init__(context)
         self.base = base
+        self.op = make_op(base)
         self._fold_cache: tuple | None = None
 
     # -- what a method defines -------------------------------------------------------
@@ -123,9 +127,15 @@ class TaskAdaptedLayer(TaskModule):
             return self.base._conv_forward(x, weight, bias)
         return F.linear(x, weight, bias)
 
-    def channel_view(self, v: torch.Tensor) -> torch.Tensor:
-        """(out,) -> broadcastable against the output: (out,) or (out, 1, 1)."""
-        return v.view(-1, 1, 1) if self.is_conv else v
+    @property
+    def factory_kwargs(self) -> dict:
+        """The base weight's device and dtype, for creating task parameters like it."""
+        return {"device": self.base.weight.device, "dtype": self.base.weight.dtype}
+
+    @property
+    def can_fuse(self) -> bool:
+        """Whether the fused training paths apply: a supported op over a frozen base."""
+        return self.op is not None and not any(p.requires_grad for p in self.base.parameters())
 
     def needs_grad(self, task: int) -> bool:
         if not torch.is_grad_enabled():

@@ -61,12 +61,12 @@ class BinaryMask(nn.Module):
     """
 
     def __init__(self, shape: tuple[int, ...], init: float, threshold: float,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.shape = tuple(shape)
         self.threshold = threshold
         self.scores: nn.Parameter | None = nn.Parameter(
-            torch.full(self.shape, float(init), device=device))
+            torch.full(self.shape, float(init), device=device, dtype=dtype))
         self.register_buffer("bits", None)
 
     @property

@@ -2,7 +2,8 @@
 
 Task t computes y = (W * M_t) x + b with M_t = 1[S_t > threshold]; biases are neither
 masked nor trained. The mask's gradient reaches the scores by the straight-through
-estimator of :class:`BinaryMask`; a finished task keeps 1 bit per weight.
+estimator of :class:`BinaryMask`; a finished task keeps 1 bit per weight. Training runs
+the fused :func:`~.functional.masked`, which keeps no masked copy of W for backward.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from .base import TaskAdaptedLayer, TaskContext
+from .functional import masked
 from .masks import BinaryMask
 
 
@@ -24,8 +26,14 @@ class PiggybackLayer(TaskAdaptedLayer):
     def add_task(self, task: int) -> None:
         params = nn.Module()
         params.mask = BinaryMask(tuple(self.base.weight.shape), self.mask_init,
-                                 self.mask_threshold, device=self.base.weight.device)
+                                 self.mask_threshold, **self.factory_kwargs)
         self.tasks[str(task)] = params
 
     def effective(self, task: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.tasks[str(task)].mask(self.base.weight), self.base.bias
+
+    def forward_train(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        mask = self.tasks[str(task)].mask
+        if not self.can_fuse or mask.frozen:
+            return super().forward_train(x, task)
+        return masked(self, x, mask.scores, mask.threshold)

@@ -31,9 +31,9 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .base import TaskAdaptedLayer, TaskContext
+from .functional import ConvOp, LinearOp, rectified
 from .masks import BinaryMask
 
 PLACEMENTS = ("factors", "product", "none")
@@ -71,19 +71,19 @@ class RKRLayer(TaskAdaptedLayer):
         self.mask_sfg = mask_sfg
         self.placement = placement
         self.mask_init, self.mask_threshold = mask_init, mask_threshold
-        self.on_activations = self._activation_path_is_cheaper()
+        self.path = "auto"
+        if self.op is not None:
+            self.first_op, self.second_op = self._rank_ops()
 
-    def _activation_path_is_cheaper(self) -> bool:
-        """Apply LM, RM to activations (two thin ops, no weight gradient) rather than
-        materialise R (whose gradient costs a full weight-gradient op)? Per output
-        position: K * (k_h * in * n_split + k_w * out) against in * out * k_h * k_w."""
-        base = self.base
-        if self.is_conv and (base.groups != 1 or base.padding_mode != "zeros"
-                             or isinstance(base.padding, str)):
-            return False
-        out_ch, in_ch = base.weight.shape[:2]
-        low_rank = self.rank * (self.kh * in_ch * self.n_split + self.kw * out_ch)
-        return low_rank < in_ch * out_ch * self.kh * self.kw
+    def _rank_ops(self) -> tuple[LinearOp | ConvOp, LinearOp | ConvOp]:
+        """The two thin ops of R applied to activations: x -> z (K channels per part)
+        -> R x. Linear: two matmuls. Conv: a (k_h x 1) convolution with the base's
+        vertical stride and dilation and its padding, then a (1 x k_w) one."""
+        if not self.is_conv:
+            return LinearOp(), LinearOp()
+        (sh, sw), (dh, dw) = self.base.stride, self.base.dilation
+        return (ConvOp((sh, 1), self.base.padding, (dh, 1)),
+                ConvOp((1, sw), (0, 0), (1, dw)))
 
     # -- parameters ----------------------------------------------------------------
     @property
@@ -92,23 +92,23 @@ class RKRLayer(TaskAdaptedLayer):
 
     def _mask(self, shape) -> BinaryMask:
         return BinaryMask(shape, self.mask_init, self.mask_threshold,
-                          device=self.base.weight.device)
+                          **self.factory_kwargs)
 
     def add_task(self, task: int) -> None:
-        device = self.base.weight.device
+        like = self.factory_kwargs
         owns_real = len(self.tasks) == 0  # Mask-RKR: the first task learns the real set
         params = nn.Module()
         if owns_real or not self.mask_rg:
             fan_in = self.lm_shape[1]
-            params.lm = nn.Parameter(torch.randn(self.lm_shape, device=device) / math.sqrt(fan_in))
-            params.rm = nn.Parameter(torch.zeros(self.rm_shape, device=device))
+            params.lm = nn.Parameter(torch.randn(self.lm_shape, **like) / math.sqrt(fan_in))
+            params.rm = nn.Parameter(torch.zeros(self.rm_shape, **like))
         elif self.placement == "factors":
             params.lm = self._mask(self.lm_shape)
             params.rm = self._mask(self.rm_shape)
         else:
             params.r = self._mask(tuple(self.base.weight.shape))
         if owns_real or not self.mask_sfg:
-            params.f = nn.Parameter(torch.ones(self.base.weight.shape[0], device=device))
+            params.f = nn.Parameter(torch.ones(self.base.weight.shape[0], **like))
         else:
             params.f = self._mask((self.base.weight.shape[0],))
         self.tasks[str(task)] = params
@@ -144,28 +144,54 @@ class RKRLayer(TaskAdaptedLayer):
         bias = None if self.base.bias is None else f * self.base.bias
         return weight, bias
 
-    def low_rank_on_activations(self, x: torch.Tensor, lm: torch.Tensor,
-                                rm: torch.Tensor) -> torch.Tensor:
-        """R applied to x without forming R: (..., in) -> (..., out) or conv maps."""
+    def rank_kernels(self, lm: torch.Tensor, rm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights of ``first_op`` and ``second_op`` (differentiable in LM, RM).
+
+        Linear: (s*K, in) and the block-diagonal (out, s*K). Conv: (K, in, k_h, 1) and
+        (out, K, 1, k_w), the separable factors of R (see the module docstring).
+        """
         if not self.is_conv:
             s, n_in, k = lm.shape
-            z = x @ lm.transpose(0, 1).reshape(n_in, s * k)  # (..., s*K)
-            return z @ torch.block_diag(*rm.unbind(0))  # (..., out)
-        base, k = self.base, self.rank
-        n_in = self.lm_shape[1] // self.kh
-        rows = lm[0].view(self.kh, n_in, k).permute(2, 1, 0).unsqueeze(-1)  # (K, in, kh, 1)
-        cols = rm[0].view(k, self.kw, -1).permute(2, 0, 1).unsqueeze(2)  # (out, K, 1, kw)
-        z = F.conv2d(x, rows, None, (base.stride[0], 1), base.padding, (base.dilation[0], 1))
-        return F.conv2d(z, cols, None, (1, base.stride[1]), 0, (1, base.dilation[1]))
+            first = lm.transpose(1, 2).reshape(s * k, n_in)
+            return first, torch.block_diag(*rm.transpose(1, 2).unbind(0))
+        k, n_in = self.rank, self.lm_shape[1] // self.kh
+        first = lm[0].view(self.kh, n_in, k).permute(2, 1, 0).unsqueeze(-1)
+        second = rm[0].view(k, self.kw, -1).permute(2, 0, 1).unsqueeze(2)
+        return first, second
+
+    def training_path(self, x: torch.Tensor, task: int) -> str:
+        """How :meth:`forward_train` computes ``task`` on ``x``: "fold" (one op with
+        F * (W + R)), "activations" (base op plus the rank-K path) or "autograd" (the
+        effective weight by plain autograd: a base that trains, a grouped or padded-mode
+        convolution, or a mask on the full product R).
+
+        ``self.path`` ("auto" by default) may force "fold" or "activations". Auto folds
+        when the output has at least as many positions as W has entries per output
+        channel: the fold's passes over W then cost no more than the activation path's
+        passes over the output.
+        """
+        if not self.can_fuse or hasattr(self.tasks[str(task)], "r"):
+            return "autograd"
+        if self.path != "auto":
+            return self.path
+        if self.is_conv:
+            n, _, h, w = x.shape
+            (kh, kw), (sh, sw) = self.base.kernel_size, self.base.stride
+            (ph, pw), (dh, dw) = self.base.padding, self.base.dilation
+            positions = (n * ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1)
+                         * ((w + 2 * pw - dw * (kw - 1) - 1) // sw + 1))
+        else:
+            positions = x.numel() // x.shape[-1]
+        return "fold" if positions >= self.base.weight[0].numel() else "activations"
 
     def forward_train(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        lm, rm, f, r_mask = self.factors(task)
-        if r_mask is not None or not self.on_activations:
+        path = self.training_path(x, task)
+        if path == "autograd":
             return super().forward_train(x, task)
-        y = self.base_op(x, self.base.weight, self.base.bias)
-        return self.channel_view(f) * (y + self.low_rank_on_activations(x, lm, rm))
+        lm, rm, f, _ = self.factors(task)
+        return rectified(self, x, lm, rm, f, fold=path == "fold")
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, n_split={self.n_split}, mask_rg={self.mask_rg}, "
                 f"mask_sfg={self.mask_sfg}, placement={self.placement}, "
-                f"on_activations={self.on_activations}, {super().extra_repr()}")
+                f"{super().extra_repr()}")

@@ -1,0 +1,220 @@
+"""Fused training paths of the method layers: autograd functions that compute only the
+gradients a method needs, and keep as little as possible alive for backward.
+
+A layer's operation is a :class:`LinearOp` or a :class:`ConvOp` (y = op(x, w) + b); both
+give the input and weight gradients of the op for an output gradient g, each only when
+asked for. Built on them:
+
+* :func:`rectified` (RKR, Mask-RKR): y = F * ((W + R) x + b) with R = LM RM. Forward
+  folds F * (W + R) into one weight when the output has at least as many positions as
+  the weight has entries per output channel (then the fold costs less than passes over
+  the output), else it runs the base op and adds the rank-K path ``second(first(x))``
+  in place. Backward computes dL/dx like the frozen base (through the folded weight, or
+  through W and the rank-K path), the factors' gradients from the rank-K activations,
+  and never a weight gradient of W. It saves the output y rather than the pre-scale
+  output u (which autograd would keep for dL/dF): dL/dF = sum(g * y) / F, with u kept
+  only for the channels whose |F| is too small to divide by. The output is usually saved
+  anyway by the next op (GELU, attention), so this costs no memory.
+* :func:`masked` (Piggyback): y = (W * M) x + b with M = 1[S > threshold] and the
+  straight-through estimator dL/dS = dL/d(W * M) * W. It saves x and S, not the masked
+  weight: backward recomputes W * M (one weight-sized pass) instead of keeping a
+  weight-sized copy per layer alive, so training memory stays that of fine-tuning.
+
+Both run their math in the autocast dtype when autocast is on (as ``F.linear`` would) and
+return gradients in the dtype of each input. The frozen base must not require a gradient
+(the layers use plain autograd while it trains with the first task).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class LinearOp:
+    """y = x w^T (+ b) over the last axis; w (out, in)."""
+
+    channel_dim = -1
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None):
+        return F.linear(x, w, b)
+
+    def grads(self, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, input: bool,
+              weight: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(dL/dx, dL/dw) for the output gradient ``g`` (each None unless asked for)."""
+        dx = g @ w if input else None
+        dw = (g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])) if weight else None
+        return dx, dw
+
+
+class ConvOp:
+    """A 2-d convolution with fixed stride, (integer) padding and dilation."""
+
+    channel_dim = 1
+
+    def __init__(self, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1):
+        self.stride, self.padding = tuple(stride), tuple(padding)
+        self.dilation, self.groups = tuple(dilation), groups
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None):
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def grads(self, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, input: bool,
+              weight: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(dL/dx, dL/dw) for the output gradient ``g`` (each None unless asked for)."""
+        if not (input or weight):
+            return None, None
+        dx, dw, _ = torch.ops.aten.convolution_backward(
+            g, x, w, None, self.stride, self.padding, self.dilation, False, (0, 0),
+            self.groups, (input, weight, False))
+        return dx, dw
+
+
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the op runs in: autocast's when it is on, else the inputs' promotion."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
+def make_op(base: nn.Linear | nn.Conv2d) -> LinearOp | ConvOp | None:
+    """The op of ``base``; None for convolutions the fused paths do not cover (grouped,
+    string padding, non-zero padding modes), which keep plain autograd."""
+    if isinstance(base, nn.Linear):
+        return LinearOp()
+    if base.groups != 1 or base.padding_mode != "zeros" or isinstance(base.padding, str):
+        return None
+    return ConvOp(base.stride, base.padding, base.dilation)
+
+
+def _rows(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(out,) -> broadcastable over the leading (output channel) axis of a weight."""
+    return v.view(-1, *[1] * (like.dim() - 1))
+
+
+def _channels(op, v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(out,) -> broadcastable over a ``ndim``-d output of ``op``."""
+    return v if op.channel_dim == -1 else v.view(-1, *[1] * (ndim - 2))
+
+
+def _channel_sum(op, t: torch.Tensor) -> torch.Tensor:
+    """Sum over every axis but the channel axis: (..., out) or (N, out, H, W) -> (out,)."""
+    if op.channel_dim == -1:
+        return t.reshape(-1, t.shape[-1]).sum(0)
+    return t.sum((0, 2, 3))
+
+
+def _take_channels(op, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return t.index_select(op.channel_dim % t.dim(), index)
+
+
+class _Rectified(torch.autograd.Function):
+    """See :func:`rectified`; ``layer`` gives the op, the fold and the rank-K kernels."""
+
+    @staticmethod
+    def forward(ctx, x, lm, rm, f, layer, fold: bool):
+        base, op = layer.base, layer.op
+        dtype = compute_dtype(x, base.weight)
+        with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+            xc, fc = x.to(dtype), f.to(dtype)
+            bias = None if base.bias is None else base.bias.to(dtype)
+            small = (fc.abs() < torch.finfo(dtype).tiny ** 0.5).nonzero().flatten()
+            w_eff = z = u_small = None
+            if fold:
+                w_rect = (base.weight + layer.rectification(lm, rm)).to(dtype)
+                if len(small):  # the pre-scale output of channels that F cancels
+                    u_small = op(xc, w_rect[small], None if bias is None else bias[small])
+                w_eff = w_rect.mul_(_rows(fc, w_rect))
+                y = op(xc, w_eff, None if bias is None else fc * bias)
+            else:
+                first, second = layer.rank_kernels(lm.to(dtype), rm.to(dtype))
+                y = op(xc, base.weight.to(dtype), bias)
+                z = layer.first_op(xc, first)
+                y += layer.second_op(z, second)
+                if len(small):
+                    u_small = _take_channels(op, y, small)
+                y.mul_(_channels(op, fc, y.dim()))
+        ctx.layer, ctx.fold, ctx.dtype, ctx.x_dtype = layer, fold, dtype, x.dtype
+        ctx.save_for_backward(xc, y, lm, rm, f, w_eff, z, small, u_small)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        xc, y, lm, rm, f, w_eff, z, small, u_small = ctx.saved_tensors
+        layer, op = ctx.layer, ctx.layer.op
+        need_x = ctx.needs_input_grad[0]
+        g = g.to(ctx.dtype)
+        fc = f.to(ctx.dtype)
+        with torch.enable_grad():
+            lm_, rm_ = lm.detach().requires_grad_(), rm.detach().requires_grad_()
+            first, second = layer.rank_kernels(lm_.to(ctx.dtype), rm_.to(ctx.dtype))
+        first_d, second_d = first.detach(), second.detach()
+        if z is None:
+            z = layer.first_op(xc, first_d)
+        # the rank-K path against g * F, written with F on its small weight: dL/d(second)
+        # = (dL/d(second) for g) * F per output channel, dL/dz through second * F
+        f_rows = _rows(fc, second_d)
+        dz, d_second = layer.second_op.grads(g, z, second_d * f_rows, True, True)
+        d_second = d_second * f_rows
+        dx_rank, d_first = layer.first_op.grads(dz, xc, first_d, need_x and not ctx.fold, True)
+        dlm, drm = torch.autograd.grad((first, second), (lm_, rm_), (d_first, d_second))
+        dx = None
+        if need_x:
+            if ctx.fold:
+                dx, _ = op.grads(g, xc, w_eff, True, False)
+            else:
+                gf = g * _channels(op, fc, g.dim())
+                dx, _ = op.grads(gf, xc, layer.base.weight.to(ctx.dtype), True, False)
+                dx += dx_rank
+            dx = dx.to(ctx.x_dtype)
+        df = None
+        if ctx.needs_input_grad[3]:
+            gy = _channel_sum(op, g * y)
+            df = gy / torch.where(fc == 0, 1, fc)
+            if len(small):
+                df[small] = _channel_sum(op, _take_channels(op, g, small) * u_small)
+            df = df.to(f.dtype)
+        return dx, dlm.to(lm.dtype), drm.to(rm.dtype), df, None, None
+
+
+def rectified(layer, x: torch.Tensor, lm: torch.Tensor, rm: torch.Tensor, f: torch.Tensor,
+              fold: bool) -> torch.Tensor:
+    """RKR training output y = F * ((W + R) x + b) of ``layer`` (an :class:`RKRLayer`).
+
+    x: the layer's input, (..., in) or (N, in, H, W). lm, rm, f: the task's factors with
+    masks applied. ``fold``: fold F * (W + R) into one weight, else add the rank-K path
+    to the base op's output.
+    """
+    return _Rectified.apply(x, lm, rm, f, layer, fold)
+
+
+class _Masked(torch.autograd.Function):
+    """See :func:`masked`."""
+
+    @staticmethod
+    def forward(ctx, x, scores, threshold: float, layer):
+        base = layer.base
+        dtype = compute_dtype(x, base.weight)
+        with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+            xc = x.to(dtype)
+            w_eff = torch.where(scores > threshold, base.weight, 0).to(dtype)
+            y = layer.op(xc, w_eff, None if base.bias is None else base.bias.to(dtype))
+        ctx.layer, ctx.threshold, ctx.dtype, ctx.x_dtype = layer, threshold, dtype, x.dtype
+        ctx.save_for_backward(xc, scores)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        xc, scores = ctx.saved_tensors
+        layer = ctx.layer
+        weight = layer.base.weight
+        w_eff = torch.where(scores > ctx.threshold, weight, 0).to(ctx.dtype)
+        dx, dw = layer.op.grads(g.to(ctx.dtype), xc, w_eff, ctx.needs_input_grad[0], True)
+        d_scores = dw.to(scores.dtype).mul_(weight)
+        return (None if dx is None else dx.to(ctx.x_dtype)), d_scores, None, None
+
+
+def masked(layer, x: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Piggyback training output y = (W * 1[S > threshold]) x + b of ``layer`` (a
+    :class:`PiggybackLayer`); x: (..., in) or (N, in, H, W), scores: W's shape."""
+    return _Masked.apply(x, scores, threshold, layer)
