@@ -108,12 +108,21 @@ def _take_channels(op, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.index_select(op.channel_dim % t.dim(), index)
 
 
+def _channel_dot(op, g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum(g * y) over every axis but the channel axis, in chunks of about 2**18 entries
+    (no output-sized temporary)."""
+    rows = g.reshape(-1, g.shape[-1]) if op.channel_dim == -1 else g
+    other = y.reshape(rows.shape)
+    step = max(1, 2 ** 18 // rows[0].numel())
+    return sum(_channel_sum(op, a * b) for a, b in zip(rows.split(step), other.split(step)))
+
+
 class _Rectified(torch.autograd.Function):
-    """See :func:`rectified`; ``layer`` gives the op, the fold and the rank-K kernels."""
+    """See :func:`rectified`; ``layer`` gives the op, the rank path and the fold."""
 
     @staticmethod
     def forward(ctx, x, lm, rm, f, layer, fold: bool):
-        base, op = layer.base, layer.op
+        base, op, path = layer.base, layer.op, layer.rank_path
         dtype = compute_dtype(x, base.weight)
         with torch.autocast(x.device.type, enabled=False), torch.no_grad():
             xc, fc = x.to(dtype), f.to(dtype)
@@ -127,10 +136,10 @@ class _Rectified(torch.autograd.Function):
                 w_eff = w_rect.mul_(_rows(fc, w_rect))
                 y = op(xc, w_eff, None if bias is None else fc * bias)
             else:
-                first, second = layer.rank_kernels(lm.to(dtype), rm.to(dtype))
+                a, b = path.kernels(lm.to(dtype), rm.to(dtype))
                 y = op(xc, base.weight.to(dtype), bias)
-                z = layer.first_op(xc, first)
-                y += layer.second_op(z, second)
+                z = path.first(xc, a)
+                path.add_second(y, z, b)
                 if len(small):
                     u_small = _take_channels(op, y, small)
                 y.mul_(_channels(op, fc, y.dim()))
@@ -141,23 +150,17 @@ class _Rectified(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         xc, y, lm, rm, f, w_eff, z, small, u_small = ctx.saved_tensors
-        layer, op = ctx.layer, ctx.layer.op
+        layer, op, path = ctx.layer, ctx.layer.op, ctx.layer.rank_path
         need_x = ctx.needs_input_grad[0]
-        g = g.to(ctx.dtype)
-        fc = f.to(ctx.dtype)
-        with torch.enable_grad():
-            lm_, rm_ = lm.detach().requires_grad_(), rm.detach().requires_grad_()
-            first, second = layer.rank_kernels(lm_.to(ctx.dtype), rm_.to(ctx.dtype))
-        first_d, second_d = first.detach(), second.detach()
+        g, fc = g.to(ctx.dtype), f.to(ctx.dtype)
+        a, b = path.kernels(lm.to(ctx.dtype), rm.to(ctx.dtype))
         if z is None:
-            z = layer.first_op(xc, first_d)
-        # the rank-K path against g * F, written with F on its small weight: dL/d(second)
-        # = (dL/d(second) for g) * F per output channel, dL/dz through second * F
-        f_rows = _rows(fc, second_d)
-        dz, d_second = layer.second_op.grads(g, z, second_d * f_rows, True, True)
-        d_second = d_second * f_rows
-        dx_rank, d_first = layer.first_op.grads(dz, xc, first_d, need_x and not ctx.fold, True)
-        dlm, drm = torch.autograd.grad((first, second), (lm_, rm_), (d_first, d_second))
+            z = path.first(xc, a)
+        # the rank-K path sees g * F: written with F on B (out, .), a small tensor
+        f_rows = _rows(fc, b)
+        dz, d_b = path.second_grads(g, z, b * f_rows)
+        dx_rank, d_a = path.first_grads(dz, xc, a, need_x and not ctx.fold)
+        d_lm, d_rm = path.kernel_grads(d_a, d_b * f_rows)
         dx = None
         if need_x:
             if ctx.fold:
@@ -169,12 +172,11 @@ class _Rectified(torch.autograd.Function):
             dx = dx.to(ctx.x_dtype)
         df = None
         if ctx.needs_input_grad[3]:
-            gy = _channel_sum(op, g * y)
-            df = gy / torch.where(fc == 0, 1, fc)
+            df = _channel_dot(op, g, y) / torch.where(fc == 0, 1, fc)
             if len(small):
                 df[small] = _channel_sum(op, _take_channels(op, g, small) * u_small)
             df = df.to(f.dtype)
-        return dx, dlm.to(lm.dtype), drm.to(rm.dtype), df, None, None
+        return dx, d_lm.to(lm.dtype), d_rm.to(rm.dtype), df, None, None
 
 
 def rectified(layer, x: torch.Tensor, lm: torch.Tensor, rm: torch.Tensor, f: torch.Tensor,

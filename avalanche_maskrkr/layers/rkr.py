@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from .base import TaskAdaptedLayer, TaskContext
-from .functional import ConvOp, LinearOp, rectified
+from .functional import rectified
 from .masks import BinaryMask
+from .rank_path import make_rank_path
 
 PLACEMENTS = ("factors", "product", "none")
 
@@ -72,18 +73,7 @@ class RKRLayer(TaskAdaptedLayer):
         self.placement = placement
         self.mask_init, self.mask_threshold = mask_init, mask_threshold
         self.path = "auto"
-        if self.op is not None:
-            self.first_op, self.second_op = self._rank_ops()
-
-    def _rank_ops(self) -> tuple[LinearOp | ConvOp, LinearOp | ConvOp]:
-        """The two thin ops of R applied to activations: x -> z (K channels per part)
-        -> R x. Linear: two matmuls. Conv: a (k_h x 1) convolution with the base's
-        vertical stride and dilation and its padding, then a (1 x k_w) one."""
-        if not self.is_conv:
-            return LinearOp(), LinearOp()
-        (sh, sw), (dh, dw) = self.base.stride, self.base.dilation
-        return (ConvOp((sh, 1), self.base.padding, (dh, 1)),
-                ConvOp((1, sw), (0, 0), (1, dw)))
+        self.rank_path = make_rank_path(base, rank, n_split) if self.op is not None else None
 
     # -- parameters ----------------------------------------------------------------
     @property
@@ -143,21 +133,6 @@ class RKRLayer(TaskAdaptedLayer):
         weight = f.view(-1, *[1] * (r.dim() - 1)) * (self.base.weight + r)
         bias = None if self.base.bias is None else f * self.base.bias
         return weight, bias
-
-    def rank_kernels(self, lm: torch.Tensor, rm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weights of ``first_op`` and ``second_op`` (differentiable in LM, RM).
-
-        Linear: (s*K, in) and the block-diagonal (out, s*K). Conv: (K, in, k_h, 1) and
-        (out, K, 1, k_w), the separable factors of R (see the module docstring).
-        """
-        if not self.is_conv:
-            s, n_in, k = lm.shape
-            first = lm.transpose(1, 2).reshape(s * k, n_in)
-            return first, torch.block_diag(*rm.transpose(1, 2).unbind(0))
-        k, n_in = self.rank, self.lm_shape[1] // self.kh
-        first = lm[0].view(self.kh, n_in, k).permute(2, 1, 0).unsqueeze(-1)
-        second = rm[0].view(k, self.kw, -1).permute(2, 0, 1).unsqueeze(2)
-        return first, second
 
     def training_path(self, x: torch.Tensor, task: int) -> str:
         """How :meth:`forward_train` computes ``task`` on ``x``: "fold" (one op with

@@ -1,0 +1,145 @@
+"""RKR's rank-K rectification applied to activations, R x = B (A x), as thin matmuls.
+
+R never has to be formed: it is a product of a (rank x in) map A and an (out x rank) map
+B. Both stages and their gradients are written as matmuls over the channel axis, which
+read each activation once (thin convolutions with K output channels are far slower
+than that on CPU backends). A path gives:
+
+* ``kernels(lm, rm) -> (A, B)`` and the inverse map of gradients ``kernel_grads``;
+* ``first(x, A) -> z`` (K channels per part), ``add_second(y, z, B)`` (y += B z in place);
+* ``second_grads(g, z, B) -> (dL/dz, dL/dB)`` and ``first_grads(dz, x, A, input) ->
+  (dL/dx or None, dL/dA)`` for the output gradient g.
+
+Linear (``n_split`` parts, e.g. q, k, v of a fused qkv): A (s*K, in) stacks the parts'
+LM^T, B (out, s*K) is block-diagonal in the parts' RM^T.
+
+Conv2d, with the factor layout of :mod:`.rkr` (R is a sum of K separable kernels):
+A (k_h*K, in) maps the input to k_h*K maps, one per kernel row a; z sums them shifted by
+a rows (the base's vertical stride, dilation and padding): z is the (k_h x 1)
+convolution of x. B (out, k_w*K) maps the k_w horizontally shifted copies of z (the
+base's horizontal stride and dilation) to the output: the (1 x k_w) convolution of z.
+The shifts act on K-channel maps only. Inputs are used in NCHW layout (others are made
+contiguous for the rank path).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class LinearRankPath:
+    """R x for a Linear split into ``n_split`` parts along its outputs."""
+
+    def __init__(self, base: nn.Linear, rank: int, n_split: int):
+        self.rank, self.n_split = rank, n_split
+        self.part = base.out_features // n_split
+
+    def kernels(self, lm: torch.Tensor, rm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LM (s, in, K), RM (s, K, out/s) -> A (s*K, in), B (out, s*K)."""
+        s, n_in, k = lm.shape
+        return lm.transpose(1, 2).reshape(s * k, n_in), torch.block_diag(*rm.transpose(1, 2))
+
+    def kernel_grads(self, d_a: torch.Tensor, d_b: torch.Tensor):
+        """(dL/dA, dL/dB) -> (dL/dLM, dL/dRM)."""
+        s, k, p = self.n_split, self.rank, self.part
+        d_lm = d_a.view(s, k, -1).transpose(1, 2)
+        d_rm = torch.stack([d_b[j * p:(j + 1) * p, j * k:(j + 1) * k].T for j in range(s)])
+        return d_lm, d_rm
+
+    def first(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return x @ a.T  # (..., s*K)
+
+    def add_second(self, y: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> None:
+        y2 = y.view(-1, y.shape[-1])
+        y2.addmm_(z.reshape(-1, z.shape[-1]), b.T)
+
+    def second_grads(self, g: torch.Tensor, z: torch.Tensor, b: torch.Tensor):
+        g2, z2 = g.reshape(-1, g.shape[-1]), z.reshape(-1, z.shape[-1])
+        return (g @ b), g2.T @ z2
+
+    def first_grads(self, dz: torch.Tensor, x: torch.Tensor, a: torch.Tensor, input: bool):
+        dz2 = dz.reshape(-1, dz.shape[-1])
+        return (dz @ a if input else None), dz2.T @ x.reshape(-1, x.shape[-1])
+
+
+class ConvRankPath:
+    """R x for a Conv2d (groups 1, integer padding, zero padding mode)."""
+
+    def __init__(self, base: nn.Conv2d, rank: int):
+        self.rank = rank
+        (self.kh, self.kw), (self.sh, self.sw) = base.kernel_size, base.stride
+        (self.ph, self.pw), (self.dh, self.dw) = base.padding, base.dilation
+
+    def kernels(self, lm: torch.Tensor, rm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LM (1, k_h*in, K) rows (a, i), RM (1, K, k_w*out) columns (b, o) ->
+        A (k_h*K, in) rows (a, r), B (out, k_w*K) columns (b, r)."""
+        k = self.rank
+        a = lm[0].view(self.kh, -1, k).transpose(1, 2).reshape(self.kh * k, -1)
+        b = rm[0].view(k, self.kw, -1).permute(2, 1, 0).reshape(-1, self.kw * k)
+        return a, b
+
+    def kernel_grads(self, d_a: torch.Tensor, d_b: torch.Tensor):
+        k = self.rank
+        d_lm = d_a.view(self.kh, k, -1).transpose(1, 2).reshape(1, -1, k)
+        d_rm = d_b.view(-1, self.kw, k).permute(2, 1, 0).reshape(1, k, -1)
+        return d_lm, d_rm
+
+    def _row_slices(self, h_out: int):
+        """For each kernel row a: the padded-input rows that output rows 0..h_out-1 read."""
+        span = self.sh * (h_out - 1) + 1
+        return [slice(a * self.dh, a * self.dh + span, self.sh) for a in range(self.kh)]
+
+    def _col_slices(self, w_out: int):
+        span = self.sw * (w_out - 1) + 1
+        return [slice(b * self.dw, b * self.dw + span, self.sw) for b in range(self.kw)]
+
+    def _out_size(self, h: int, w: int) -> tuple[int, int]:
+        return ((h + 2 * self.ph - self.dh * (self.kh - 1) - 1) // self.sh + 1,
+                (w + 2 * self.pw - self.dw * (self.kw - 1) - 1) // self.sw + 1)
+
+    def first(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """x (N, in, H, W) -> z (N, K, H_out, W + 2 p_w): the (k_h x 1) convolution."""
+        n, c, h, w = x.shape
+        k = self.rank
+        maps = torch.matmul(a, x.contiguous().view(n, c, h * w)).view(n, -1, h, w)
+        maps = F.pad(maps, (self.pw, self.pw, self.ph, self.ph))
+        rows = self._row_slices(self._out_size(h, w)[0])
+        return sum(maps[:, i * k:(i + 1) * k, r] for i, r in enumerate(rows))
+
+    def _shifted(self, z: torch.Tensor, w_out: int) -> torch.Tensor:
+        """z -> its k_w horizontally shifted copies, (N, k_w*K, H_out * W_out)."""
+        n = z.shape[0]
+        return torch.cat([z[..., c] for c in self._col_slices(w_out)], 1).view(n, -1, z.shape[2] * w_out)
+
+    def add_second(self, y: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> None:
+        n, o, h_out, w_out = y.shape
+        y.view(n, o, h_out * w_out).baddbmm_(b.expand(n, *b.shape), self._shifted(z, w_out))
+
+    def second_grads(self, g: torch.Tensor, z: torch.Tensor, b: torch.Tensor):
+        n, o, h_out, w_out = g.shape
+        g3 = g.contiguous().view(n, o, h_out * w_out)
+        shifted = self._shifted(z, w_out)
+        d_b = torch.matmul(g3, shifted.transpose(1, 2)).sum(0)
+        d_shifted = torch.matmul(b.T, g3).view(n, self.kw, self.rank, h_out, w_out)
+        dz = torch.zeros_like(z)
+        for i, c in enumerate(self._col_slices(w_out)):
+            dz[..., c] += d_shifted[:, i]
+        return dz, d_b
+
+    def first_grads(self, dz: torch.Tensor, x: torch.Tensor, a: torch.Tensor, input: bool):
+        n, c, h, w = x.shape
+        k = self.rank
+        d_maps = dz.new_zeros(n, self.kh * k, h + 2 * self.ph, w + 2 * self.pw)
+        for i, r in enumerate(self._row_slices(dz.shape[2])):
+            d_maps[:, i * k:(i + 1) * k, r] += dz
+        d_maps = d_maps[:, :, self.ph:self.ph + h, self.pw:self.pw + w].reshape(n, -1, h * w)
+        d_a = torch.matmul(d_maps, x.contiguous().view(n, c, h * w).transpose(1, 2)).sum(0)
+        dx = torch.matmul(a.T, d_maps).view(n, c, h, w) if input else None
+        return dx, d_a
+
+
+def make_rank_path(base: nn.Linear | nn.Conv2d, rank: int, n_split: int):
+    if isinstance(base, nn.Linear):
+        return LinearRankPath(base, rank, n_split)
+    return ConvRankPath(base, rank)
