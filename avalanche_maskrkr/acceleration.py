@@ -15,8 +15,15 @@ parameter (the step of ``torch.amp.GradScaler``); ``after_update`` adapts the sc
 
 ``torch.compile`` is applied to the inner ``model.backbone`` with ``nn.Module.compile``
 (state-dict keys unchanged), never to the ``MultiTaskModule`` itself: Avalanche passes
-task labels only to a model that *is* a ``MultiTaskModule``. The backbone is recompiled
-once per task and mode, since the task selects other parameters.
+task labels only to a model that *is* a ``MultiTaskModule``. Dynamo guards on the task
+that the network's ``TaskContext`` selects, on the train/eval mode and on the task
+layers, which a new task can change: the backbone is recompiled for each task and mode,
+and with RKR factors also for each earlier task evaluated after a new one: with the test
+stream evaluated after each experience its frame collects about ``T**2 / 2``
+compilations over ``T`` tasks (about 60 for 10). Past
+``torch._dynamo.config.recompile_limit`` (8 by default) Dynamo silently runs the frame
+eagerly, so compiling raises that limit and ``accumulated_recompile_limit``
+(process-wide settings) to at least the plugin's ``recompile_limit``.
 
 :func:`loader_kwargs` gives data-loader arguments for ``strategy.train(exp, **kwargs)``
 and ``strategy.eval(stream, **kwargs)``, which Avalanche 0.6 forwards to its loaders.
@@ -115,15 +122,20 @@ class AccelerationPlugin(SupervisedPlugin, supports_distributed=True):
             channels-last layout (faster convolutions on recent GPUs).
         compile: ``torch.compile`` the model's ``backbone`` (True, or a dict of
             ``torch.compile`` keyword arguments such as ``{"mode": "max-autotune"}``).
+        recompile_limit: when compiling, Dynamo's recompile limits are raised to at
+            least this many compilations per frame (never lowered), so that a long
+            stream keeps running compiled: 256 covers about 20 tasks with the test
+            stream evaluated after each.
     """
 
     def __init__(self, precision: str = "fp32", channels_last: bool = False,
-                 compile: bool | dict[str, Any] = False):
+                 compile: bool | dict[str, Any] = False, recompile_limit: int = 256):
         super().__init__()
         autocast("cpu", precision)  # validates the name
         self.precision = precision
         self.channels_last = channels_last
         self.compile_kwargs = ({} if compile is True else compile) if compile else None
+        self.recompile_limit = recompile_limit
         self.scaler = LossScaler() if precision == "fp16" else None
         self._autocast: contextlib.AbstractContextManager | None = None
         self._loss: torch.Tensor | None = None
@@ -147,6 +159,10 @@ class AccelerationPlugin(SupervisedPlugin, supports_distributed=True):
                     f"compile=True compiles the model's inner `backbone` module, and "
                     f"{type(model).__name__} has none: use a converted network "
                     "(avalanche_maskrkr.convert or a method strategy)")
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, self.recompile_limit)
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit,
+                                                     self.recompile_limit)
             backbone.compile(**self.compile_kwargs)
             self._compiled.add(id(model))
 

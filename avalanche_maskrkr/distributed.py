@@ -24,16 +24,20 @@ In a script: call :func:`init_distributed` first in every process, and add
   from ``before_forward`` to ``after_forward``, where Avalanche's ``avalanche_forward``
   passes the task labels on to the wrapped ``MultiTaskModule``; every other hook sees the
   network itself. The gradient hooks DDP registers average the gradients during backward.
-* Evaluation is not wrapped. Avalanche shards evaluation data as well, so the metrics of
-  each process cover its shard.
+* Evaluation is not wrapped, and not sharded: Avalanche's ``make_eval_dataloader``
+  applies a ``DistributedSampler`` too, so ``before_eval_exp`` (which runs right after
+  it) rebuilds the loader over the whole experience with the same arguments. Every
+  process evaluates every sample, and all report the metrics of the full stream.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
 import torch
+from avalanche.benchmarks.utils.data_loader import SingleDatasetDataLoader
 from avalanche.core import SupervisedPlugin
 from avalanche.distributed import DistributedHelper
 from avalanche.evaluation.metrics import accuracy_metrics
@@ -43,8 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .accounting import create_backbone
 from .benchmarks import split_digits
 from .export import export_task
-from .network import TaskAwareNetwork
-from .strategies import RKR, MaskRKR, Piggyback
+from .strategies import RKR, MaskRKR, MethodStrategy, Piggyback
 
 STRATEGIES = {"rkr": RKR, "piggyback": Piggyback, "mask-rkr": MaskRKR}
 
@@ -61,7 +64,8 @@ def init_distributed(seed: int = 0, backend: str | None = None) -> torch.device:
 
 
 class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
-    """Averages the gradients of each training experience over the processes (DDP).
+    """Averages the gradients of each training experience over the processes (DDP);
+    every process evaluates the whole of each evaluation experience.
 
     A no-op when the process group is not initialised, so the same script runs on one
     process unchanged.
@@ -89,26 +93,62 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
     def after_training_exp(self, strategy, **kwargs):
         self.ddp = None  # its gradient hooks go with it
 
+    def before_eval_exp(self, strategy, **kwargs):
+        # make_eval_dataloader (run just before) shards the experience and ignores
+        # any argument against it
+        loader = strategy.dataloader
+        if isinstance(loader, SingleDatasetDataLoader) and loader.distributed_sampling:
+            strategy.dataloader = SingleDatasetDataLoader(
+                strategy.adapted_dataset, batch_size=loader.batch_sizes[0],
+                distributed_sampling=False, ffcv_args=loader.ffcv_args, **loader.loader_kwargs)
+
+
+class _SampleCount(SupervisedPlugin, supports_distributed=True):
+    """Counts the samples that evaluation runs through the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.samples = 0
+
+    def after_eval_iteration(self, strategy, **kwargs):
+        self.samples += len(strategy.mb_y)
+
+
+def _digits(img_size: int):
+    return split_digits(n_experiences=5, image_size=img_size, channels=3)
+
 
 def train_digits(method: str, experiences: int = 2, model: str = "test_resnet",
                  img_size: int = 16, batch: int = 16, epochs: int = 1, lr: float = 0.05,
                  shuffle: bool = True, seed: int = 0,
-                 device: torch.device | None = None) -> TaskAwareNetwork:
+                 device: torch.device | None = None) -> MethodStrategy:
     """Train ``method`` over the first ``experiences`` tasks of split digits (offline),
-    ``batch`` samples per process and step, with SGD; returns the network."""
+    ``batch`` samples per process and step (and per evaluation step), with SGD; returns
+    the strategy, whose ``model`` is the network."""
     device = device or init_distributed(seed)
     torch.manual_seed(seed)
-    stream = split_digits(n_experiences=5, image_size=img_size, channels=3).train_stream
     backbone = create_backbone(model, 2, img_size=img_size)
     strategy = STRATEGIES[method](
         model=backbone, optimizer=torch.optim.SGD(backbone.parameters(), lr=lr),
-        train_mb_size=batch, train_epochs=epochs, device=device,
+        train_mb_size=batch, train_epochs=epochs, eval_mb_size=batch, device=device,
         plugins=[DistributedPlugin()],
         evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]))
-    for exp in stream[:experiences]:
+    for exp in _digits(img_size).train_stream[:experiences]:
         # drop_last: every process takes equally many full batches
         strategy.train(exp, eval_streams=[], shuffle=shuffle, drop_last=True)
-    return strategy.model
+    return strategy
+
+
+def evaluate_digits(strategy: MethodStrategy, experiences: int = 2,
+                    img_size: int = 16) -> dict:
+    """Evaluate a :func:`train_digits` strategy on the first ``experiences`` tasks of the
+    split digits test stream: Avalanche's accuracy of each (by metric name) and the
+    number of samples evaluated."""
+    count = _SampleCount()
+    strategy.plugins.append(count)
+    accuracy = strategy.eval(_digits(img_size).test_stream[:experiences])
+    strategy.plugins.remove(count)
+    return {"accuracy": accuracy, "samples": count.samples}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,17 +165,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default=None, help="default: nccl on CUDA, else gloo")
     parser.add_argument("--out", type=Path, help="export every task to OUT/rank<r>/")
+    parser.add_argument("--eval", action="store_true",
+                        help="then evaluate the trained tasks on the test stream (with "
+                             "--out: to OUT/rank<r>/eval.json)")
     args = parser.parse_args(argv)
     device = init_distributed(args.seed, args.backend)
-    net = train_digits(args.method, args.experiences, args.model, args.img_size, args.batch,
-                       args.epochs, args.lr, args.shuffle, args.seed, device)
-    rank = DistributedHelper.rank
-    if args.out is not None:
-        folder = args.out / f"rank{rank}"
+    strategy = train_digits(args.method, args.experiences, args.model, args.img_size,
+                            args.batch, args.epochs, args.lr, args.shuffle, args.seed, device)
+    net, rank = strategy.model, DistributedHelper.rank
+    folder = None if args.out is None else args.out / f"rank{rank}"
+    if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         for task in net.trained_tasks:
             export_task(net, task, folder / f"task{task}.safetensors")
     print(f"rank {rank}/{DistributedHelper.world_size}: trained tasks {net.trained_tasks}")
+    if args.eval:
+        result = evaluate_digits(strategy, args.experiences, args.img_size)
+        print(f"rank {rank}: {result['samples']} test samples, accuracy {result['accuracy']}")
+        if folder is not None:
+            (folder / "eval.json").write_text(json.dumps(result, indent=1))
     if DistributedHelper.is_distributed:
         torch.distributed.destroy_process_group()
 

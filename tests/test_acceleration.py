@@ -160,6 +160,41 @@ def test_compiled_backbone_keeps_task_labels_and_state_keys(digits):
         _run(Naive, model, stream, [AccelerationPlugin(compile=True)])
 
 
+def _compiled_calls_per_task(stream, **plugin_kwargs) -> list[int]:
+    """Calls of compiled graphs while each experience of ``stream`` trains."""
+    calls: list[int] = []
+
+    def backend(gm, example_inputs):  # Dynamo's "eager" backend, counting
+        def run(*args):
+            calls[-1] += 1
+            return gm.forward(*args)
+        return run
+
+    torch._dynamo.reset()  # the limits also count the entries other tests compiled
+    plugin = AccelerationPlugin(compile={"backend": backend}, **plugin_kwargs)
+    model = _mlp()
+    strategy = RKR(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                   train_mb_size=64, plugins=[plugin], evaluator=EvaluationPlugin(loggers=[]))
+    for exp in stream:
+        calls.append(0)
+        strategy.train(exp, eval_streams=[])
+    return calls
+
+
+def test_compiled_backbone_keeps_compiling_past_dynamo_recompile_limit():
+    stream = split_digits(n_experiences=10).train_stream  # 10 tasks of one digit each
+    config = torch._dynamo.config
+    with config.patch(recompile_limit=8, accumulated_recompile_limit=256):  # the defaults
+        calls = _compiled_calls_per_task(stream)
+        assert calls[0] > 0 and calls == calls[:1] * len(stream)  # all compiled, to the last
+        assert config.recompile_limit == config.accumulated_recompile_limit == 256
+        # the mechanism matters: at Dynamo's limit (never lowered) tasks fall back to eager
+        config.recompile_limit = 8
+        calls = _compiled_calls_per_task(stream, recompile_limit=1)
+        assert config.recompile_limit == 8 and calls[-1] < calls[0]
+    torch._dynamo.reset()
+
+
 def test_loader_kwargs_reach_avalanche_loaders(digits):
     assert loader_kwargs("cpu") == {"num_workers": 0, "pin_memory": False,
                                     "persistent_workers": False}
