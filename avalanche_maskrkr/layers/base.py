@@ -19,12 +19,27 @@ from .masks import BinaryMask
 
 
 class TaskContext:
-    """The task label the network is currently computing (``None``: the base network)."""
+    """What the task layers of one network share: the task label the network is computing
+    (``None``: the base network) and reusable work buffers."""
 
-    __slots__ = ("task",)
+    __slots__ = ("task", "_buffers")
 
     def __init__(self) -> None:
         self.task: int | None = None
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def scratch(self, slot: str, shape: torch.Size, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+        """A work buffer of ``shape`` that layers reuse (one per slot, dtype and device,
+        grown to the largest shape asked for): its contents last until the next call for
+        the same slot, so it holds temporaries that no op keeps for backward. On CPU,
+        reusing it spares the page faults of a fresh weight-sized allocation per layer."""
+        key = (slot, dtype, device)
+        numel = math.prod(shape)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
 
 
 class TaskCost(NamedTuple):

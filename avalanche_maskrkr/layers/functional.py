@@ -190,6 +190,21 @@ def rectified(layer, x: torch.Tensor, lm: torch.Tensor, rm: torch.Tensor, f: tor
     return _Rectified.apply(x, lm, rm, f, layer, fold)
 
 
+def _masked_weight(layer, scores: torch.Tensor, threshold: float,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """W * 1[S > threshold] in ``dtype``, written into the context's work buffers.
+
+    The 0/1 mask is sign(threshold(S)) (S where S > threshold, else 0; threshold >= 0):
+    float kernels only, several times faster on CPU than a comparison to a bool tensor.
+    """
+    weight, context = layer.base.weight, layer.context
+    out = context.scratch("masked_weight", weight.shape, scores.dtype, weight.device)
+    torch.ops.aten.threshold.out(scores, threshold, 0.0, out=out).sign_().mul_(weight)
+    if dtype != out.dtype:
+        out = context.scratch("masked_weight", weight.shape, dtype, weight.device).copy_(out)
+    return out
+
+
 class _Masked(torch.autograd.Function):
     """See :func:`masked`."""
 
@@ -199,7 +214,7 @@ class _Masked(torch.autograd.Function):
         dtype = compute_dtype(x, base.weight)
         with torch.autocast(x.device.type, enabled=False), torch.no_grad():
             xc = x.to(dtype)
-            w_eff = torch.where(scores > threshold, base.weight, 0).to(dtype)
+            w_eff = _masked_weight(layer, scores, threshold, dtype)
             y = layer.op(xc, w_eff, None if base.bias is None else base.bias.to(dtype))
         ctx.layer, ctx.threshold, ctx.dtype, ctx.x_dtype = layer, threshold, dtype, x.dtype
         ctx.save_for_backward(xc, scores)
@@ -209,10 +224,9 @@ class _Masked(torch.autograd.Function):
     def backward(ctx, g):
         xc, scores = ctx.saved_tensors
         layer = ctx.layer
-        weight = layer.base.weight
-        w_eff = torch.where(scores > ctx.threshold, weight, 0).to(ctx.dtype)
+        w_eff = _masked_weight(layer, scores, ctx.threshold, ctx.dtype)
         dx, dw = layer.op.grads(g.to(ctx.dtype), xc, w_eff, ctx.needs_input_grad[0], True)
-        d_scores = dw.to(scores.dtype).mul_(weight)
+        d_scores = dw.to(scores.dtype).mul_(layer.base.weight)
         return (None if dx is None else dx.to(ctx.x_dtype)), d_scores, None, None
 
 
