@@ -13,10 +13,9 @@ backbone, grouped and depthwise convolutions included, except
     ``nn.MultiheadAttention`` (it reads their weights directly) and subclasses that
     override ``forward`` (e.g. timm's ``Conv2dSame``).
 A fused timm ``qkv`` Linear is split into q, k, v factors when ``split_qkv=True``.
-RKR layers save their output for backward (see :mod:`.layers.functional`), so for RKR and
-Mask-RKR every module with an ``inplace`` switch (``nn.ReLU(inplace=True)``, in-place
-dropout, ...) is set to compute out of place: an in-place op on a saved output would make
-backward fail.
+RKR layers save their output for backward (see :mod:`.layers.functional`), so the
+network computes RKR and Mask-RKR activations out of place while it trains (see
+:class:`~.network.TaskAwareNetwork`).
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ import warnings
 
 from torch import nn
 
-from .layers import RKRLayer, TaskBatchNorm, TaskContext
+from .layers import TaskBatchNorm, TaskContext
 from .network import TaskAwareNetwork
 from .options import MethodOptions, make_options
 
@@ -102,10 +101,6 @@ def convert(model: nn.Module, method: str | MethodOptions = "rkr", **options) ->
         split = 3 if (opts.split_qkv and isinstance(layer, nn.Linear)
                       and name.split(".")[-1] == "qkv" and layer.out_features % 3 == 0) else 1
         model.set_submodule(name, opts.make_layer(layer, context, split))
-    if any(isinstance(m, RKRLayer) for m in model.modules()):
-        for module in model.modules():
-            if isinstance(getattr(module, "inplace", None), bool):
-                module.inplace = False
     if opts.bn_policy == "per_task":
         norms = [(n, m) for n, m in model.named_modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm)]

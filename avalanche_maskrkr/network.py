@@ -17,7 +17,7 @@ from avalanche.models import MultiTaskModule
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers import TaskBatchNorm, TaskContext, TaskModule
+from .layers import RKRLayer, TaskBatchNorm, TaskContext, TaskModule
 from .options import MethodOptions
 
 STREAM_HINT = (
@@ -57,6 +57,14 @@ class TaskAwareNetwork(MultiTaskModule):
         self.trained_tasks: list[int] = []
         self.base_frozen = not options.train_base_first
         self._warned_untrained: set[int] = set()
+        # RKR layers save their output for backward: an in-place activation after one
+        # (ReLU(inplace=True) right after a convolution) would overwrite it, so modules
+        # with an in-place switch compute out of place while training
+        has_rkr = any(isinstance(m, RKRLayer) for m in backbone.modules())
+        self._in_place = [m for m in backbone.modules()
+                          if has_rkr and getattr(m, "inplace", None) is True]
+        for module in self._in_place:
+            module.inplace = not self.training
         self.backbone.requires_grad_(False)
         for param in self.base_parameters():
             param.requires_grad_(not self.base_frozen)
@@ -157,8 +165,11 @@ class TaskAwareNetwork(MultiTaskModule):
 
     def train(self, mode: bool = True):
         """Train mode everywhere except BatchNorm statistics that must not drift: the
-        base's once frozen, and every finished task's own copy."""
+        base's once frozen, and every finished task's own copy. In-place activations of
+        RKR networks are out of place in train mode, in place again in eval mode."""
         super().train(mode)
+        for module in self._in_place:
+            module.inplace = not mode
         if not mode:
             return self
         finished = {str(t) for t in self.trained_tasks}

@@ -45,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import benchmarks
-from .acceleration import PRECISIONS, AccelerationPlugin
+from .acceleration import PRECISIONS, AccelerationPlugin, loader_kwargs
 from .accounting import create_backbone, find_k_plus
 from .baselines import (
     BASELINE_OPTION_NAMES,
@@ -148,9 +148,10 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     lr_decay_epochs: int | None = None
-    workers: int = 0
+    workers: int | None = None
     threads: int | None = None
     precision: str = "fp32"
+    channels_last: bool = False
     device: str | None = None
     seed: int = 0
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -278,12 +279,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--weight-decay", type=float, default=d.weight_decay)
     train.add_argument("--lr-decay-epochs", type=int, metavar="N",
                        help="multiply the learning rate by 0.1 every N epochs")
-    train.add_argument("--workers", type=int, default=d.workers, help="data loader workers")
+    train.add_argument("--workers", type=int, default=d.workers,
+                       help="data loader workers (default: half the CPU cores, at most 8, "
+                            "on CUDA, with pinned memory; 0 on CPU)")
     train.add_argument("--threads", type=int, help="CPU threads of torch (default: digits 1, "
                        "others torch's default)")
     train.add_argument("--precision", choices=list(PRECISIONS), default=d.precision,
                        help="autocast of forward and loss (AccelerationPlugin); other than "
                             "fp32, a run checkpoints only at each strategy's end")
+    train.add_argument("--channels-last", action="store_true",
+                       help="channels-last layout of 4-d parameters and inputs (CNNs on GPU)")
     train.add_argument("--device", help="default: cuda when available, else cpu")
     train.add_argument("--seed", type=int, default=d.seed)
     _add_option_arguments(parser)
@@ -408,8 +413,9 @@ def build_strategy(config: RunConfig, variant: Variant, num_classes: int) -> Sup
         return optimizer_class(params, lr=lr, weight_decay=config.weight_decay, **extra)
 
     plugins = [StepDecay(lr, config.lr_decay_epochs)] if config.lr_decay_epochs else []
-    if config.precision != "fp32":
-        plugins.append(AccelerationPlugin(precision=config.precision))
+    if config.precision != "fp32" or config.channels_last:
+        plugins.append(AccelerationPlugin(precision=config.precision,
+                                          channels_last=config.channels_last))
     return STRATEGIES[variant.strategy](
         functools.partial(build_backbone, config), num_classes, make_optimizer,
         strategy_options(config, variant), criterion=nn.CrossEntropyLoss(),
@@ -448,8 +454,9 @@ def _run_variant(config: RunConfig, variant: Variant, scenario, path: Path,
     resumable = can_resume(strategy)
     for k in range(start, n):
         bar.set_description(f"{variant.label} task {k + 1}/{n}")
-        strategy.train(scenario.train_stream[k], num_workers=config.workers)
-        results = strategy.eval(scenario.test_stream[: k + 1], num_workers=config.workers)
+        loading = loader_kwargs(config.device, config.workers)
+        strategy.train(scenario.train_stream[k], **loading)
+        results = strategy.eval(scenario.test_stream[: k + 1], **loading)
         accuracy = next(v for name, v in results.items()
                         if name.startswith("Top1_Acc_Exp/") and name.endswith(f"/Exp{k:03d}"))
         bar.set_postfix(acc=f"{accuracy:.3f}")

@@ -4,8 +4,10 @@ Constructors are keyword-only like Avalanche's, with ``SupervisedTemplate``'s ar
 and defaults (``model, optimizer, criterion, train_mb_size, train_epochs, eval_mb_size,
 device, plugins, evaluator, eval_every, ...``) plus the method's options, declared once
 in :mod:`avalanche_maskrkr.options` and added to the constructor's signature (Avalanche
-rejects keyword arguments that no ``__init__`` signature declares). The model is
-converted at construction, so ``strategy.model`` is the
+rejects keyword arguments that no ``__init__`` signature declares), plus the speed
+options of :class:`~avalanche_maskrkr.acceleration.AccelerationPlugin` (``precision``,
+``channels_last``, ``compile``, ``recompile_limit``): any of them other than its default
+appends that plugin. The model is converted at construction, so ``strategy.model`` is the
 :class:`~avalanche_maskrkr.network.TaskAwareNetwork` from the start.
 """
 from __future__ import annotations
@@ -16,20 +18,31 @@ from typing import ClassVar
 
 from avalanche.training.templates import SupervisedTemplate
 
+from .acceleration import AccelerationPlugin
 from .options import MethodOptions, option_names
 from .plugins import MaskRKRPlugin, MethodPlugin, PiggybackPlugin, RKRPlugin
 
 
+SPEED_OPTIONS = {name: p for name, p in
+                 inspect.signature(AccelerationPlugin.__init__).parameters.items()
+                 if name != "self"}  # precision, channels_last, compile, recompile_limit
+
+
 def _strategy_init(options_class: type[MethodOptions]):
-    """An ``__init__`` taking SupervisedTemplate's arguments and ``options_class``'s."""
+    """An ``__init__`` taking SupervisedTemplate's arguments, ``options_class``'s and the
+    speed options."""
     names = option_names(options_class)
 
     def __init__(self, **kwargs):
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        speed = {k: kwargs.pop(k) for k in list(kwargs) if k in SPEED_OPTIONS}
         plugin = self.plugin_class(**options)
         if "model" in kwargs:
             kwargs["model"] = plugin.convert(kwargs["model"])
-        kwargs["plugins"] = [plugin, *(kwargs.get("plugins") or [])]
+        extra = list(kwargs.get("plugins") or [])
+        if any(v != SPEED_OPTIONS[k].default for k, v in speed.items()):
+            extra.append(AccelerationPlugin(**speed))
+        kwargs["plugins"] = [plugin, *extra]
         SupervisedTemplate.__init__(self, **kwargs)
         self.method_plugin = plugin
 
@@ -39,8 +52,10 @@ def _strategy_init(options_class: type[MethodOptions]):
         [p for p in template if p.kind != inspect.Parameter.VAR_KEYWORD]
         + [inspect.Parameter(f.name, keyword, default=f.default)
            for f in dataclasses.fields(options_class)]
+        + [p.replace(kind=keyword) for p in SPEED_OPTIONS.values()]
         + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
-    __init__.__doc__ = f"Arguments of SupervisedTemplate, plus:\n\n{options_class.__doc__}"
+    __init__.__doc__ = (f"Arguments of SupervisedTemplate, plus:\n\n{options_class.__doc__}\n\n"
+                        "Speed options: see AccelerationPlugin.")
     return __init__
 
 

@@ -215,3 +215,18 @@ def test_loader_kwargs_reach_avalanche_loaders(digits):
     assert seen["num_workers"] == 1 and seen["persistent_workers"] and not seen["pin_memory"]
     with pytest.raises(ValueError, match="precision"):
         AccelerationPlugin("fp8")
+
+
+def test_speed_options_of_the_strategies_add_the_acceleration_plugin(digits):
+    stream = digits.train_stream
+    fast = _run(Piggyback, _cnn(), stream, [], precision="bf16", channels_last=True)
+    [plugin] = [p for p in fast.plugins if isinstance(p, AccelerationPlugin)]
+    assert plugin.precision == "bf16" and plugin.channels_last
+    convs = [p for p in fast.model.parameters() if p.dim() == 4 and p.shape[1] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last)
+                         and not p.is_contiguous() for p in convs)
+    plain = _run(Piggyback, _cnn(), stream, [], precision="fp32")
+    assert not any(isinstance(p, AccelerationPlugin) for p in plain.plugins)
+    with pytest.raises(ValueError, match="precision"):
+        RKR(model=_mlp(), optimizer=torch.optim.SGD(_mlp().parameters(), lr=0.1),
+            precision="fp8")

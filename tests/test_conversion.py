@@ -106,18 +106,22 @@ def test_rank_reaches_the_layers():
 
 
 @pytest.mark.parametrize("method", ["rkr", "mask-rkr"])
-def test_rkr_conversion_turns_off_in_place_activations_after_saved_outputs(method):
+def test_rkr_networks_train_with_in_place_activations_out_of_place(method):
     """A convolution followed directly by ReLU(inplace=True) (VGG style): the RKR layer
-    saves its output for dL/dF, so the ReLU must not overwrite it."""
+    saves its output for dL/dF, so the ReLU must not overwrite it while training; in
+    eval mode nothing is saved and it computes in place again."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True), nn.Dropout(inplace=True),
                           nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
     network = amr.convert(model, method, head_name="4")
-    assert not network.backbone[1].inplace and not network.backbone[2].inplace
     network.add_task(0, 2)
-    out = network.train().forward_single_task(torch.randn(4, 3, 6, 6), 0)
+    assert not network.backbone[1].inplace  # a new module is in train mode and not network.backbone[2].inplace
+    out = network.forward_single_task(torch.randn(4, 3, 6, 6), 0)
     out.sum().backward()
     assert network.backbone[0].tasks["0"].f.grad.abs().sum() > 0
-    assert amr.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True), nn.Flatten(),
-                                     nn.Linear(128, 2)), "piggyback",
-                       head_name="3").backbone[1].inplace  # Piggyback saves inputs only
+    network.eval()
+    assert network.backbone[1].inplace and network.backbone[2].inplace
+    piggyback = amr.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True),
+                                          nn.Flatten(), nn.Linear(128, 2)), "piggyback",
+                            head_name="3")
+    assert piggyback.train().backbone[1].inplace  # Piggyback saves inputs only

@@ -179,3 +179,15 @@ def test_weights_that_do_not_fit_name_the_keys_and_shapes(tmp_path) -> None:
     with pytest.raises(WeightsError, match=r"cannot read junk\.pth"):
         load_weights(timm.create_model("test_resnet"), tmp_path / "junk.pth")
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_speed_options_reach_every_strategy_through_the_acceleration_plugin() -> None:
+    from avalanche_maskrkr.acceleration import AccelerationPlugin
+    config = runner.resolve(parse(["--channels-last", "--precision", "bf16"]))
+    assert config.channels_last and config.precision == "bf16"
+    for label in ("rkr", "naive"):
+        strategy = runner.build_strategy(config, runner.Variant(label, label), 2)
+        [plugin] = [p for p in strategy.plugins if isinstance(p, AccelerationPlugin)]
+        assert plugin.channels_last and plugin.precision == "bf16"
+    plain = runner.build_strategy(runner.resolve(parse([])), runner.Variant("rkr", "rkr"), 2)
+    assert not any(isinstance(p, AccelerationPlugin) for p in plain.plugins)

@@ -24,6 +24,12 @@ later task learns binary masks over them (:class:`BinaryMask`): R_t = (LM*M^L_t)
 F_t = F * M^F_t. ``mask_rg`` / ``mask_sfg`` choose which generator is masked; a generator
 that is not masked gets real-valued per-task parameters as in RKR, so masking nothing is
 RKR. ``placement="product"`` puts one mask on the full product R instead of LM and RM.
+
+Training runs the fused :func:`~.functional.rectified` over the frozen base: per call it
+either folds F * (W + R) into one weight or adds the rank-K path of :mod:`.rank_path` to
+the base op's output, whichever reads less memory for the shapes at hand
+(:meth:`RKRLayer.training_path`); neither computes a weight gradient of W. Evaluation
+uses the cached fold of :class:`~.base.TaskAdaptedLayer`.
 """
 from __future__ import annotations
 
