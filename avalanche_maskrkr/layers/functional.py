@@ -130,7 +130,7 @@ class _Rectified(torch.autograd.Function):
             small = (fc.abs() < torch.finfo(dtype).tiny ** 0.5).nonzero().flatten()
             w_eff = z = u_small = None
             if fold:
-                w_rect = (base.weight + layer.rectification(lm, rm)).to(dtype)
+                w_rect = layer.rectified_weight(lm, rm).to(dtype)
                 if len(small):  # the pre-scale output of channels that F cancels
                     u_small = op(xc, w_rect[small], None if bias is None else bias[small])
                 w_eff = w_rect.mul_(_rows(fc, w_rect))

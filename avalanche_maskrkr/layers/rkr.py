@@ -131,12 +131,22 @@ class RKRLayer(TaskAdaptedLayer):
         # (s, k_h, in, k_w, out/s) -> (s, out/s, in, k_h, k_w) -> W's shape
         return prod.permute(0, 4, 2, 1, 3).reshape(self.base.weight.shape)
 
+    def rectified_weight(self, lm: torch.Tensor, rm: torch.Tensor) -> torch.Tensor:
+        """W + R as a new tensor; for a Linear one batched GEMM written in W's layout (no
+        separate R and no permuted copy of it)."""
+        w = self.base.weight
+        if self.is_conv:
+            return w + self.rectification(lm, rm)
+        parts = w.view(self.n_split, -1, w.shape[1])  # (s, out/s, in)
+        return torch.baddbmm(parts, rm.transpose(1, 2), lm.transpose(1, 2)).view(w.shape)
+
     def effective(self, task: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         lm, rm, f, r_mask = self.factors(task)
-        r = self.rectification(lm, rm)
-        if r_mask is not None:
-            r = r_mask(r)
-        weight = f.view(-1, *[1] * (r.dim() - 1)) * (self.base.weight + r)
+        if r_mask is None:
+            rectified = self.rectified_weight(lm, rm)
+        else:
+            rectified = self.base.weight + r_mask(self.rectification(lm, rm))
+        weight = f.view(-1, *[1] * (rectified.dim() - 1)) * rectified
         bias = None if self.base.bias is None else f * self.base.bias
         return weight, bias
 
