@@ -13,6 +13,9 @@ same random weights and measured in one run:
   the plain network. The benchmark checks that the fold cache is reused across passes.
 * control: a second fine-tuning setup, timed like the others; how far its ratios are
   from 1 shows the timing noise of the run.
+* floor: the frozen backbone trained at its classifier only, with the gradient carried
+  back to the input through every layer: the time below which no method that trains
+  parameters in every layer can go (the base's forward and its input-gradient backward).
 * memory: peak training memory, measured in a fresh process per configuration over two
   training steps (the first allocates gradients and optimizer state). CUDA:
   ``torch.cuda.max_memory_allocated`` above the allocation after building the model.
@@ -54,6 +57,7 @@ from avalanche_maskrkr.layers import TaskAdaptedLayer
 
 METHODS = ("rkr", "piggyback", "mask-rkr")
 CONTROL = "ft-copy"  # a second fine-tuning setup: its ratios show the timing noise
+FLOOR = "floor"  # frozen backbone, head trained, gradient carried back to the input
 CLASSES = 10
 
 
@@ -87,11 +91,18 @@ class Setup:
 
 def build_setup(base: nn.Module, method: str, device: torch.device, batch: int,
                 channels_last: bool) -> Setup:
-    """``method`` ("ft", CONTROL or one of METHODS) over a copy of ``base``, ready to train."""
+    """``method`` ("ft", CONTROL, FLOOR or one of METHODS) over a copy of ``base``, ready
+    to train."""
     model, task = copy.deepcopy(base), None
     if method in ("ft", CONTROL):
         model.requires_grad_(True)
         params, forward = list(model.parameters()), model
+    elif method == FLOOR:
+        model.requires_grad_(False)
+        params = list(model.get_classifier().requires_grad_(True).parameters())
+
+        def forward(x: torch.Tensor, net=model) -> torch.Tensor:
+            return net(x.detach().requires_grad_(True))
     else:
         model = convert(model, method)
         model.add_task(0, CLASSES)
@@ -234,7 +245,7 @@ def make_inputs(args: argparse.Namespace, backbone: str, device: torch.device):
 def benchmark(args: argparse.Namespace, backbone: str) -> list[dict]:
     device = torch.device(args.device)
     base, x, y = make_inputs(args, backbone, device)
-    names = ["ft", CONTROL, *args.methods]
+    names = ["ft", CONTROL, FLOOR, *args.methods]
     setups = {n: build_setup(base, n, device, len(x), args.channels_last) for n in names}
     train = alternate({n: (lambda s=s: train_step(s, x, y, args.precision))
                        for n, s in setups.items()}, args.repeats, args.warmup, device)
@@ -247,7 +258,8 @@ def benchmark(args: argparse.Namespace, backbone: str) -> list[dict]:
         step()  # fold once
     folds = {n: fold_snapshot(s.model) for n, s in setups.items()}
     evaluate = alternate(evals, args.eval_repeats, args.warmup, device)
-    memory = ({n: peak_memory_in_subprocess(args, backbone, n) for n in names if n != CONTROL}
+    memory = ({n: peak_memory_in_subprocess(args, backbone, n) for n in names
+               if n not in (CONTROL, FLOOR)}
               if args.memory else {})
     train_ratio, eval_ratio = ratios(train, "ft"), ratios(evaluate, "ft")
     rows = []
