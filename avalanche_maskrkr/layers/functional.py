@@ -8,17 +8,18 @@ asked for. Built on them:
 * :func:`rectified` (RKR, Mask-RKR): y = F * ((W + R) x + b) with R = LM RM. Forward
   folds F * (W + R) into one weight when the output has at least as many positions as
   the weight has entries per output channel (then the fold costs less than passes over
-  the output), else it runs the base op and adds the rank-K path ``second(first(x))``
-  in place. Backward computes dL/dx like the frozen base (through the folded weight, or
-  through W and the rank-K path), the factors' gradients from the rank-K activations,
+  the output), else it runs the base op and adds R x (:mod:`.rank_path`) in place.
+  Backward computes dL/dx like the frozen base (through the folded weight, or through W
+  and the rank-K path), the factors' gradients from the rank-K path's thin activations,
   and never a weight gradient of W. It saves the output y rather than the pre-scale
   output u (which autograd would keep for dL/dF): dL/dF = sum(g * y) / F, with u kept
   only for the channels whose |F| is too small to divide by. The output is usually saved
   anyway by the next op (GELU, attention), so this costs no memory.
 * :func:`masked` (Piggyback): y = (W * M) x + b with M = 1[S > threshold] and the
   straight-through estimator dL/dS = dL/d(W * M) * W. It saves x and S, not the masked
-  weight: backward recomputes W * M (one weight-sized pass) instead of keeping a
-  weight-sized copy per layer alive, so training memory stays that of fine-tuning.
+  weight: backward recomputes W * M instead of keeping a weight-sized copy per layer
+  alive, so training memory stays that of fine-tuning. W * M is written into a work
+  buffer of the network's :class:`~.base.TaskContext`, reused by every layer.
 
 Both run their math in the autocast dtype when autocast is on (as ``F.linear`` would) and
 return gradients in the dtype of each input. The frozen base must not require a gradient
