@@ -325,3 +325,17 @@ def test_a_bf16_network_creates_its_task_parameters_and_heads_in_bf16(method):
         out.float().square().sum().backward()
         assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in params)
         net.finish_task(task)
+
+
+def test_fold_cache_follows_the_network_to_another_dtype():
+    """``.to()`` replaces the parameters' data without bumping their versions: the folded
+    weights must be computed again, in the new dtype (or on the new device)."""
+    net, task, x = _network("vit", "rkr")
+    net.finish_task(task)
+    net.eval()
+    with torch.no_grad():
+        single = net.forward_single_task(x, task)
+        net.to(torch.float64)
+        double = net.forward_single_task(x.double(), task)
+    assert double.dtype == torch.float64
+    torch.testing.assert_close(double.float(), single, rtol=1e-4, atol=1e-5)

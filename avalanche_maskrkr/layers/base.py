@@ -172,6 +172,11 @@ class TaskAdaptedLayer(TaskModule):
             self._fold_cache = None  # free the folded copy while training
         return super().train(mode)
 
+    def _apply(self, fn, recurse: bool = True):
+        # .to(), .cuda(), .half(), ... give the parameters new data without a new version
+        self._fold_cache = None
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         task = self.context.task
         if task is None or not self.has_task(task):
