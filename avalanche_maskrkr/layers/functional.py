@@ -49,16 +49,15 @@ class LinearOp:
 
 
 class ConvOp:
-    """A 2-d convolution with fixed stride, (integer) padding and dilation."""
+    """A 2-d convolution (groups 1) with fixed stride, integer padding and dilation."""
 
     channel_dim = 1
 
-    def __init__(self, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1):
-        self.stride, self.padding = tuple(stride), tuple(padding)
-        self.dilation, self.groups = tuple(dilation), groups
+    def __init__(self, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None):
-        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
 
     def grads(self, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, input: bool,
               weight: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -66,8 +65,8 @@ class ConvOp:
         if not (input or weight):
             return None, None
         dx, dw, _ = torch.ops.aten.convolution_backward(
-            g, x, w, None, self.stride, self.padding, self.dilation, False, (0, 0),
-            self.groups, (input, weight, False))
+            g, x, w, None, self.stride, self.padding, self.dilation, False, (0, 0), 1,
+            (input, weight, False))
         return dx, dw
 
 
@@ -196,7 +195,8 @@ def _masked_weight(layer, scores: torch.Tensor, threshold: float,
     """W * 1[S > threshold] in ``dtype``, written into the context's work buffers.
 
     The 0/1 mask is sign(threshold(S)) (S where S > threshold, else 0; threshold >= 0):
-    float kernels only, several times faster on CPU than a comparison to a bool tensor.
+    float kernels only, which on CPU are much faster than a comparison into a bool tensor
+    (see benchmarks/RESULTS.md).
     """
     weight, context = layer.base.weight, layer.context
     out = context.scratch("masked_weight", weight.shape, scores.dtype, weight.device)
