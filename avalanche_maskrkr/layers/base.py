@@ -105,7 +105,8 @@ class TaskAdaptedLayer(TaskModule):
     differentiable functions of the base and task parameters). Without a gradient to
     compute, the effective weight is folded once and cached, so evaluation costs what the
     plain layer costs. The cache is keyed on the version counters of every tensor the fold
-    reads, so any in-place update (optimizer step, state-dict load) invalidates it.
+    reads, so any in-place update (optimizer step, state-dict load) invalidates it, and it
+    is cleared when a task is finished, the layer trains or its parameters move (``.to``).
     ``self.op`` is the base's operation for the fused training paths of
     :mod:`.functional` (None where they do not apply: plain autograd then).
     """
@@ -160,12 +161,21 @@ class TaskAdaptedLayer(TaskModule):
 
     @torch.no_grad()
     def folded(self, task: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The effective (weight, bias) of ``task``, computed once and cached."""
-        deps = self.fold_dependencies(task)
-        key = (task, tuple((id(t), t._version) for t in deps))
-        if self._fold_cache is None or self._fold_cache[0] != key:
-            self._fold_cache = (key, self.effective(task))
-        return self._fold_cache[1]
+        """The effective (weight, bias) of ``task``, computed once and cached.
+
+        The cache holds (task, [(tensor, version) for each dependency], result): a hit
+        only compares version counters, the cheap check on every evaluation forward.
+        """
+        cache = self._fold_cache
+        if cache is not None and cache[0] == task and all(t._version == v for t, v in cache[1]):
+            return cache[2]
+        versions = [(t, t._version) for t in self.fold_dependencies(task)]
+        self._fold_cache = (task, versions, self.effective(task))
+        return self._fold_cache[2]
+
+    def finish_task(self, task: int) -> None:
+        super().finish_task(task)
+        self._fold_cache = None  # its masks are now bits: other tensors to depend on
 
     def train(self, mode: bool = True):
         if mode:
