@@ -7,7 +7,6 @@ rank-K path on activations, the masks' autograd function, the folded and cached
 evaluation weights) must give the same outputs and the same gradients for every trained
 parameter, and the fold cache must follow optimizer steps.
 """
-import copy
 
 import pytest
 import torch
