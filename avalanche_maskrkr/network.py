@@ -61,8 +61,8 @@ class TaskAwareNetwork(MultiTaskModule):
         # (ReLU(inplace=True) right after a convolution) would overwrite it, so modules
         # with an in-place switch compute out of place while training
         has_rkr = any(isinstance(m, RKRLayer) for m in backbone.modules())
-        self._in_place = [m for m in backbone.modules()
-                          if has_rkr and getattr(m, "inplace", None) is True]
+        self._in_place = ([m for m in backbone.modules() if getattr(m, "inplace", None) is True]
+                          if has_rkr else [])
         for module in self._in_place:
             module.inplace = not self.training
         self.backbone.requires_grad_(False)

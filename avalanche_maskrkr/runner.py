@@ -452,9 +452,9 @@ def _run_variant(config: RunConfig, variant: Variant, scenario, path: Path,
         start = saved["next_experience"]
         bar.update(start)
     resumable = can_resume(strategy)
+    loading = loader_kwargs(config.device, config.workers)
     for k in range(start, n):
         bar.set_description(f"{variant.label} task {k + 1}/{n}")
-        loading = loader_kwargs(config.device, config.workers)
         strategy.train(scenario.train_stream[k], **loading)
         results = strategy.eval(scenario.test_stream[: k + 1], **loading)
         accuracy = next(v for name, v in results.items()

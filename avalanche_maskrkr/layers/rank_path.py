@@ -94,7 +94,8 @@ class ConvRankPath:
         span = self.sw * (w_out - 1) + 1
         return [slice(b * self.dw, b * self.dw + span, self.sw) for b in range(self.kw)]
 
-    def _out_size(self, h: int, w: int) -> tuple[int, int]:
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        """The base convolution's output height and width for an H x W input."""
         return ((h + 2 * self.ph - self.dh * (self.kh - 1) - 1) // self.sh + 1,
                 (w + 2 * self.pw - self.dw * (self.kw - 1) - 1) // self.sw + 1)
 
@@ -104,7 +105,7 @@ class ConvRankPath:
         k = self.rank
         maps = torch.matmul(a, x.contiguous().view(n, c, h * w)).view(n, -1, h, w)
         maps = F.pad(maps, (self.pw, self.pw, self.ph, self.ph))
-        rows = self._row_slices(self._out_size(h, w)[0])
+        rows = self._row_slices(self.out_size(h, w)[0])
         return sum(maps[:, i * k:(i + 1) * k, r] for i, r in enumerate(rows))
 
     def _shifted(self, z: torch.Tensor, w_out: int) -> torch.Tensor:

@@ -167,10 +167,8 @@ class RKRLayer(TaskAdaptedLayer):
             return self.path
         if self.is_conv:
             n, _, h, w = x.shape
-            (kh, kw), (sh, sw) = self.base.kernel_size, self.base.stride
-            (ph, pw), (dh, dw) = self.base.padding, self.base.dilation
-            positions = (n * ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1)
-                         * ((w + 2 * pw - dw * (kw - 1) - 1) // sw + 1))
+            h_out, w_out = self.rank_path.out_size(h, w)
+            positions = n * h_out * w_out
         else:
             positions = x.numel() // x.shape[-1]
         return "fold" if positions >= self.base.weight[0].numel() else "activations"
