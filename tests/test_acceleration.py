@@ -172,7 +172,7 @@ def _compiled_calls_per_task(stream, **plugin_kwargs) -> list[int]:
 
     torch._dynamo.reset()  # the limits also count the entries other tests compiled
     plugin = AccelerationPlugin(compile={"backend": backend}, **plugin_kwargs)
-    model = _mlp()
+    model = _cnn()  # its RKR convolutions recompile for every new task
     strategy = RKR(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                    train_mb_size=64, plugins=[plugin], evaluator=EvaluationPlugin(loggers=[]))
     for exp in stream:

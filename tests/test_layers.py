@@ -60,7 +60,9 @@ def test_rkr_linear_matches_hand_computation():
     expected = f * (x @ (base.weight.T + lm @ rm) + base.bias)
     for out in _all_paths(layer, x):
         torch.testing.assert_close(out, expected)
-    assert layer.training_path(x, 0) == "activations"  # 3 positions < 5 inputs
+    # the auto path folds when P * (2 * out + in) >= out * in (here 4 * 5 = 20)
+    assert layer.training_path(x, 0) == "fold"  # 3 * 13 = 39
+    assert layer.training_path(x[:1], 0) == "activations"  # 1 * 13 = 13
 
 
 def _hand_conv_rectification(lm, rm, out_ch, in_ch, kh, kw):

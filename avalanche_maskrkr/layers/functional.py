@@ -108,13 +108,19 @@ def _take_channels(op, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.index_select(op.channel_dim % t.dim(), index)
 
 
-def _channel_dot(op, g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """sum(g * y) over every axis but the channel axis, in chunks of about 2**18 entries
-    (no output-sized temporary)."""
+def _channel_dot(op, g: torch.Tensor, y: torch.Tensor, chunk: int = 2 ** 17) -> torch.Tensor:
+    """sum(g * y) over every axis but the channel axis, in blocks of about ``chunk``
+    entries: no output-sized temporary, and each block's product is summed while it is
+    still in cache."""
     rows = g.reshape(-1, g.shape[-1]) if op.channel_dim == -1 else g
     other = y.reshape(rows.shape)
-    step = max(1, 2 ** 18 // rows[0].numel())
-    return sum(_channel_sum(op, a * b) for a, b in zip(rows.split(step), other.split(step)))
+    step = max(1, chunk // rows[0].numel())
+    if step >= len(rows):
+        return _channel_sum(op, rows * other)
+    total = _channel_sum(op, rows[:step] * other[:step])
+    for start in range(step, len(rows), step):
+        total += _channel_sum(op, rows[start:start + step] * other[start:start + step])
+    return total
 
 
 class _Rectified(torch.autograd.Function):
@@ -125,35 +131,37 @@ class _Rectified(torch.autograd.Function):
         base, op, path = layer.base, layer.op, layer.rank_path
         dtype = compute_dtype(x, base.weight)
         with torch.autocast(x.device.type, enabled=False), torch.no_grad():
-            xc, fc = x.to(dtype), f.to(dtype)
+            xc, fc, lmc, rmc = x.to(dtype), f.to(dtype), lm.to(dtype), rm.to(dtype)
             bias = None if base.bias is None else base.bias.to(dtype)
+            # the channels F cancels (F = 0 among them): dL/dF there needs the pre-scale output
             small = (fc.abs() < torch.finfo(dtype).tiny ** 0.5).nonzero().flatten()
+            a, b = path.kernels(lmc, rmc)
             w_eff = z = u_small = None
             if fold:
-                w_rect = layer.rectified_weight(lm, rm).to(dtype)
-                if len(small):  # the pre-scale output of channels that F cancels
+                if len(small):
+                    w_rect = layer.rectified_weight(lm, rm).to(dtype)
                     u_small = op(xc, w_rect[small], None if bias is None else bias[small])
-                w_eff = w_rect.mul_(_rows(fc, w_rect))
+                    w_eff = w_rect.mul_(_rows(fc, w_rect))
+                else:
+                    w_eff = layer.rectified_weight(lm, rm, f).to(dtype)
                 y = op(xc, w_eff, None if bias is None else fc * bias)
             else:
-                a, b = path.kernels(lm.to(dtype), rm.to(dtype))
                 y = op(xc, base.weight.to(dtype), bias)
                 z = path.first(xc, a)
                 path.add_second(y, z, b)
                 if len(small):
                     u_small = _take_channels(op, y, small)
                 y.mul_(_channels(op, fc, y.dim()))
-        ctx.layer, ctx.fold, ctx.dtype, ctx.x_dtype = layer, fold, dtype, x.dtype
-        ctx.save_for_backward(xc, y, lm, rm, f, w_eff, z, small, u_small)
+        ctx.layer, ctx.fold, ctx.dtype = layer, fold, dtype
+        ctx.save_for_backward(xc, y, a, b, fc, w_eff, z, small, u_small)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        xc, y, lm, rm, f, w_eff, z, small, u_small = ctx.saved_tensors
-        layer, op, path = ctx.layer, ctx.layer.op, ctx.layer.rank_path
+        xc, y, a, b, fc, w_eff, z, small, u_small = ctx.saved_tensors
+        op, path = ctx.layer.op, ctx.layer.rank_path
         need_x = ctx.needs_input_grad[0]
-        g, fc = g.to(ctx.dtype), f.to(ctx.dtype)
-        a, b = path.kernels(lm.to(ctx.dtype), rm.to(ctx.dtype))
+        g = g.to(ctx.dtype)
         if z is None:
             z = path.first(xc, a)
         # the rank-K path sees g * F: written with F on B (out, .), a small tensor
@@ -167,16 +175,14 @@ class _Rectified(torch.autograd.Function):
                 dx, _ = op.grads(g, xc, w_eff, True, False)
             else:
                 gf = g * _channels(op, fc, g.dim())
-                dx, _ = op.grads(gf, xc, layer.base.weight.to(ctx.dtype), True, False)
+                dx, _ = op.grads(gf, xc, ctx.layer.base.weight.to(ctx.dtype), True, False)
                 dx += dx_rank
-            dx = dx.to(ctx.x_dtype)
         df = None
         if ctx.needs_input_grad[3]:
-            df = _channel_dot(op, g, y) / torch.where(fc == 0, 1, fc)
+            df = _channel_dot(op, g, y) / fc  # inf or nan where F = 0: overwritten below
             if len(small):
                 df[small] = _channel_sum(op, _take_channels(op, g, small) * u_small)
-            df = df.to(f.dtype)
-        return dx, d_lm.to(lm.dtype), d_rm.to(rm.dtype), df, None, None
+        return dx, d_lm, d_rm, df, None, None  # autograd casts each to its input's dtype
 
 
 def rectified(layer, x: torch.Tensor, lm: torch.Tensor, rm: torch.Tensor, f: torch.Tensor,

@@ -131,22 +131,31 @@ class RKRLayer(TaskAdaptedLayer):
         # (s, k_h, in, k_w, out/s) -> (s, out/s, in, k_h, k_w) -> W's shape
         return prod.permute(0, 4, 2, 1, 3).reshape(self.base.weight.shape)
 
-    def rectified_weight(self, lm: torch.Tensor, rm: torch.Tensor) -> torch.Tensor:
-        """W + R as a new tensor; for a Linear one batched GEMM written in W's layout (no
-        separate R and no permuted copy of it)."""
+    def rectified_weight(self, lm: torch.Tensor, rm: torch.Tensor,
+                         f: torch.Tensor | None = None) -> torch.Tensor:
+        """F * (W + R), or W + R without ``f``, as a new tensor of W's shape.
+
+        For a Linear: W scaled by F, then one batched GEMM with F folded into RM, written
+        in place in W's layout (no separate R, no permuted copy of it, no extra pass over
+        the weight to scale it).
+        """
         w = self.base.weight
         if self.is_conv:
-            return w + self.rectification(lm, rm)
-        parts = w.view(self.n_split, -1, w.shape[1])  # (s, out/s, in)
-        return torch.baddbmm(parts, rm.transpose(1, 2), lm.transpose(1, 2)).view(w.shape)
+            rectified = w + self.rectification(lm, rm)
+            return rectified if f is None else rectified.mul_(f.view(-1, 1, 1, 1))
+        s, rows, cols = self.n_split, rm.transpose(1, 2), lm.transpose(1, 2)
+        if f is None:
+            return torch.baddbmm(w.view(s, -1, w.shape[1]), rows, cols).view(w.shape)
+        scaled = (w * f[:, None]).view(s, -1, w.shape[1])
+        return scaled.baddbmm_(rows * f.view(s, -1, 1), cols).view(w.shape)
 
     def effective(self, task: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         lm, rm, f, r_mask = self.factors(task)
         if r_mask is None:
-            rectified = self.rectified_weight(lm, rm)
+            weight = self.rectified_weight(lm, rm, f)
         else:
             rectified = self.base.weight + r_mask(self.rectification(lm, rm))
-        weight = f.view(-1, *[1] * (rectified.dim() - 1)) * rectified
+            weight = f.view(-1, *[1] * (rectified.dim() - 1)) * rectified
         bias = None if self.base.bias is None else f * self.base.bias
         return weight, bias
 
@@ -157,21 +166,26 @@ class RKRLayer(TaskAdaptedLayer):
         convolution, or a mask on the full product R).
 
         ``self.path`` ("auto" by default) may force "fold" or "activations". Auto folds
-        when the output has at least as many positions as W has entries per output
-        channel: the fold's passes over W then cost no more than the activation path's
-        passes over the output.
+        when the fold's passes over the weight cost no more than the passes the rank-K
+        path adds over the activations (measured crossovers in benchmarks/RESULTS.md):
+        * Linear, P positions: about two passes over the output and one over the input
+          against one over W: fold when P * (2 * out + in) >= out * in;
+        * Conv2d: fold when the output has at least as many positions as W has entries
+          per output channel (the rank path's shifts are cheaper than that model says).
         """
         if not self.can_fuse or hasattr(self.tasks[str(task)], "r"):
             return "autograd"
         if self.path != "auto":
             return self.path
+        weight = self.base.weight
         if self.is_conv:
             n, _, h, w = x.shape
             h_out, w_out = self.rank_path.out_size(h, w)
-            positions = n * h_out * w_out
+            fold = n * h_out * w_out >= weight[0].numel()
         else:
-            positions = x.numel() // x.shape[-1]
-        return "fold" if positions >= self.base.weight[0].numel() else "activations"
+            out, n_in = weight.shape
+            fold = (x.numel() // n_in) * (2 * out + n_in) >= out * n_in
+        return "fold" if fold else "activations"
 
     def forward_train(self, x: torch.Tensor, task: int) -> torch.Tensor:
         path = self.training_path(x, task)
