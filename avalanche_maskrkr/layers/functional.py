@@ -110,8 +110,8 @@ def _take_channels(op, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _channel_dot(op, g: torch.Tensor, y: torch.Tensor, chunk: int = 2 ** 17) -> torch.Tensor:
     """sum(g * y) over every axis but the channel axis, in blocks of about ``chunk``
-    entries: no output-sized temporary, and each block's product is summed while it is
-    still in cache."""
+    entries: no temporary larger than a block, and each block's product is summed while
+    it is still in cache."""
     rows = g.reshape(-1, g.shape[-1]) if op.channel_dim == -1 else g
     other = y.reshape(rows.shape)
     step = max(1, chunk // rows[0].numel())
