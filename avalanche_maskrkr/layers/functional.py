@@ -21,8 +21,8 @@ asked for. Built on them:
   alive, so training memory stays that of fine-tuning. W * M is written into a work
   buffer of the network's :class:`~.base.TaskContext`, reused by every layer.
 
-Both run their math in the autocast dtype when autocast is on (as ``F.linear`` would) and
-return gradients in the dtype of each input. The frozen base must not require a gradient
+Both run their math in the autocast dtype when autocast is on (as ``F.linear`` would);
+autograd casts each gradient they return to its input's dtype. The frozen base must not require a gradient
 (the layers use plain autograd while it trains with the first task).
 """
 from __future__ import annotations
@@ -223,7 +223,7 @@ class _Masked(torch.autograd.Function):
             xc = x.to(dtype)
             w_eff = _masked_weight(layer, scores, threshold, dtype)
             y = layer.op(xc, w_eff, None if base.bias is None else base.bias.to(dtype))
-        ctx.layer, ctx.threshold, ctx.dtype, ctx.x_dtype = layer, threshold, dtype, x.dtype
+        ctx.layer, ctx.threshold, ctx.dtype = layer, threshold, dtype
         ctx.save_for_backward(xc, scores)
         return y
 
@@ -234,7 +234,7 @@ class _Masked(torch.autograd.Function):
         w_eff = _masked_weight(layer, scores, ctx.threshold, ctx.dtype)
         dx, dw = layer.op.grads(g.to(ctx.dtype), xc, w_eff, ctx.needs_input_grad[0], True)
         d_scores = dw.to(scores.dtype).mul_(layer.base.weight)
-        return (None if dx is None else dx.to(ctx.x_dtype)), d_scores, None, None
+        return dx, d_scores, None, None  # autograd casts dx to x's dtype
 
 
 def masked(layer, x: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
