@@ -11,13 +11,14 @@ the "auto" rule of :meth:`RKRLayer.training_path` picks. Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
-import time
 
 import torch
 from torch import nn
 
 from avalanche_maskrkr.layers import RKRLayer, TaskContext
+from speed import alternate  # benchmarks/speed.py: the same alternating timing
 
 LINEAR = [(768, 2304, 3), (768, 768, 1), (768, 3072, 1), (3072, 768, 1), (384, 1536, 1),
           (1536, 384, 1), (96, 384, 1)]  # (in, out, n_split): ViT-B/16 and Swin-T layers
@@ -27,23 +28,21 @@ CONV = [(256, 8, 32), (256, 8, 16), (256, 8, 8), (512, 4, 32), (128, 16, 4), (12
 
 
 def step_seconds(layer: RKRLayer, x: torch.Tensor, g: torch.Tensor, repeats: int) -> dict:
-    """Median seconds of a training step of ``layer`` on each forced path."""
-    paths = ("fold", "activations")
-    times = {p: [] for p in paths}
-    for r in range(repeats + 2):
-        for path in paths[r % 2:] + paths[:r % 2]:
-            layer.path = path
-            start = time.perf_counter()
-            layer.forward_train(x, 0).backward(g)
-            if r >= 2:  # two warm-up rounds
-                times[path].append(time.perf_counter() - start)
+    """Median seconds of a training step of ``layer`` on each forced path, and the path
+    the auto rule picks."""
+    def step(path: str) -> None:
+        layer.path = path
+        layer.forward_train(x, 0).backward(g)
+
+    times = alternate({p: functools.partial(step, p) for p in ("fold", "activations")},
+                      repeats, warmup=2, device=x.device)
     layer.path = "auto"
     return {p: statistics.median(t) for p, t in times.items()} | {
         "auto": layer.training_path(x, 0)}
 
 
 def cases():
-    """(description, layer, input, output gradient) for every shape and P."""
+    """(description, P, layer, input, output gradient) for every shape and P."""
     for n_in, out, split in LINEAR:
         layer = RKRLayer(nn.Linear(n_in, out).requires_grad_(False), TaskContext(),
                          n_split=split)
