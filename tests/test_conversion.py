@@ -115,7 +115,8 @@ def test_rkr_networks_train_with_in_place_activations_out_of_place(method):
                           nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
     network = amr.convert(model, method, head_name="4")
     network.add_task(0, 2)
-    assert not network.backbone[1].inplace  # a new module is in train mode and not network.backbone[2].inplace
+    # a new module is in train mode
+    assert not network.backbone[1].inplace and not network.backbone[2].inplace
     out = network.forward_single_task(torch.randn(4, 3, 6, 6), 0)
     out.sum().backward()
     assert network.backbone[0].tasks["0"].f.grad.abs().sum() > 0
