@@ -23,7 +23,12 @@ stream evaluated after each experience its frame collects about ``T**2 / 2``
 compilations over ``T`` tasks (about 60 for 10). Past
 ``torch._dynamo.config.recompile_limit`` (8 by default) Dynamo silently runs the frame
 eagerly, so compiling raises that limit and ``accumulated_recompile_limit``
-(process-wide settings) to at least the plugin's ``recompile_limit``.
+(process-wide settings) to at least the plugin's ``recompile_limit``. The fused training
+paths trace into one graph per compilation (no graph break): RKR's near-zero scales are
+found by the network before the backbone runs (:func:`~.layers.zero_scales_found`), and
+Piggyback's masked weight is left to the compiler instead of a reused buffer. Where
+Mask-RKR's masks change how many scales are zero, Dynamo recompiles until it treats
+those sizes as dynamic.
 
 :func:`loader_kwargs` gives data-loader arguments for ``strategy.train(exp, **kwargs)``
 and ``strategy.eval(stream, **kwargs)``, which Avalanche 0.6 forwards to its loaders.

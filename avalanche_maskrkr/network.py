@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from contextlib import nullcontext
 
 import torch
 from avalanche.benchmarks.utils.flat_data import ConstantSequence
@@ -17,7 +18,7 @@ from avalanche.models import MultiTaskModule
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers import RKRLayer, TaskBatchNorm, TaskContext, TaskModule
+from .layers import RKRLayer, TaskBatchNorm, TaskContext, TaskModule, zero_scales_found
 from .options import MethodOptions
 
 STREAM_HINT = (
@@ -60,9 +61,9 @@ class TaskAwareNetwork(MultiTaskModule):
         # RKR layers save their output for backward: an in-place activation after one
         # (ReLU(inplace=True) right after a convolution) would overwrite it, so modules
         # with an in-place switch compute out of place while training
-        has_rkr = any(isinstance(m, RKRLayer) for m in backbone.modules())
+        self._rkr_layers = [m for m in backbone.modules() if isinstance(m, RKRLayer)]
         self._in_place = ([m for m in backbone.modules() if getattr(m, "inplace", None) is True]
-                          if has_rkr else [])
+                          if self._rkr_layers else [])
         for module in self._in_place:
             module.inplace = not self.training
         self.backbone.requires_grad_(False)
@@ -158,7 +159,9 @@ class TaskAwareNetwork(MultiTaskModule):
                            "adaptation for its experience first (strategy.train/eval do)")
         self.context.task = task_label
         try:
-            features = self.backbone(x)
+            with (zero_scales_found(self._rkr_layers, task_label)
+                  if torch.is_grad_enabled() and self._rkr_layers else nullcontext()):
+                features = self.backbone(x)
         finally:
             self.context.task = None
         return self.heads[str(task_label)](features)

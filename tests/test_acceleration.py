@@ -1,5 +1,6 @@
 """AccelerationPlugin on real strategies (CPU): autocast placement, fp16 loss scaling,
 channels-last, compiled backbone, data-loader arguments."""
+import copy
 from collections import OrderedDict
 
 import pytest
@@ -10,7 +11,7 @@ from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.supervised import Naive
 from torch import nn
 
-from avalanche_maskrkr import RKR, Piggyback
+from avalanche_maskrkr import RKR, Piggyback, convert
 from avalanche_maskrkr.acceleration import AccelerationPlugin, LossScaler, loader_kwargs
 from avalanche_maskrkr.benchmarks import split_digits
 
@@ -158,6 +159,48 @@ def test_compiled_backbone_keeps_task_labels_and_state_keys(digits):
     model = _mlp()
     with pytest.raises(TypeError, match="backbone"):
         _run(Naive, model, stream, [AccelerationPlugin(compile=True)])
+
+
+@pytest.mark.parametrize("method", ["rkr", "piggyback", "mask-rkr"])
+def test_compiled_training_has_no_graph_breaks_and_matches_eager(method):
+    """The fused training paths trace into one graph (no host-synchronising op inside the
+    backbone), and the compiled backbone trains exactly like the eager one, also while
+    Mask-RKR's masked scales change which channels are zero from step to step."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(1, 8, 3, padding=1), act1=nn.ReLU(), pool=nn.AdaptiveAvgPool2d(2),
+        flat=nn.Flatten(), fc=nn.Linear(32, 16), act2=nn.ReLU(), head=nn.Linear(16, 2)))
+    net = convert(backbone, method)
+    task = 1 if method == "mask-rkr" else 0
+    for t in range(task + 1):
+        net.add_task(t, 2)
+    if task:
+        net.finish_task(0)
+    nets = [net.train(), copy.deepcopy(net)]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    nets[0].backbone.compile(backend="eager")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 1, 6, 6, generator=g)
+    for _ in range(3):
+        noise = [torch.randn(p.shape, generator=g) * 1e-2
+                 for p in nets[0].trainable_parameters([task])]
+        results = []
+        for net in nets:
+            params = net.trainable_parameters([task])
+            with torch.no_grad():
+                for p, n in zip(params, noise):
+                    p.add_(n)  # mask scores around the threshold: bits flip
+            out = net.forward_single_task(x, task)
+            grads = torch.autograd.grad(out.square().sum(), params)
+            results.append((out, grads))
+        (out, grads), (eager_out, eager_grads) = results
+        torch.testing.assert_close(out, eager_out)
+        for a, b in zip(grads, eager_grads):
+            torch.testing.assert_close(a, b)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert not torch._dynamo.utils.counters["graph_break"]
+    torch._dynamo.reset()
 
 
 def _compiled_calls_per_task(stream, **plugin_kwargs) -> list[int]:

@@ -15,6 +15,7 @@ from torch import nn
 from avalanche_maskrkr import convert
 from avalanche_maskrkr.accounting import create_backbone
 from avalanche_maskrkr.layers import PiggybackLayer, RKRLayer, TaskAdaptedLayer, TaskContext
+from avalanche_maskrkr.layers.functional import near_zero
 
 MODELS = {
     "vit": (lambda: create_backbone("vit_tiny_patch16_224", 3, img_size=32, depth=2), 32),
@@ -338,3 +339,46 @@ def test_fold_cache_follows_the_network_to_another_dtype():
         double = net.forward_single_task(x.double(), task)
     assert double.dtype == torch.float64
     torch.testing.assert_close(double.float(), single, rtol=1e-4, atol=1e-5)
+
+
+class _CountNonzero(torch.overrides.TorchFunctionMode):
+    """Counts the calls of ``nonzero`` (a host sync on GPU) inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func in (torch.nonzero, torch.Tensor.nonzero)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", ["rkr", "mask-rkr"])
+def test_near_zero_scales_are_found_once_per_network_forward(method):
+    """The network finds every RKR layer's near-zero scales with one ``nonzero`` before
+    its backbone runs; each layer then gets exactly the channels it would find itself
+    (offsets across layers), and finds them itself outside a network forward."""
+    net, task, x = _network("vit", method)
+    layers = [m for m in net.modules() if isinstance(m, RKRLayer)]
+    if method == "rkr":  # exact zeros in the first and the third layer (Mask-RKR: masks)
+        with torch.no_grad():
+            layers[0].tasks["0"].f[[1, 4]] = 0.0
+            layers[2].tasks["0"].f[-1] = 0.0
+    own = [near_zero(layer.factors(task)[2].detach()).nonzero().flatten() for layer in layers]
+    assert sum(map(len, own)) > 0 and sum(len(s) == 0 for s in own) < len(own)
+    seen = []
+    hooks = [layer.register_forward_pre_hook(lambda m, args: seen.append(m.zero_scales[2]))
+             for layer in layers]
+    with _CountNonzero() as counter:
+        net.forward_single_task(x, task).sum().backward()
+    for hook in hooks:
+        hook.remove()
+    assert counter.calls == 1 < len(layers)
+    assert len(seen) == len(layers) and all(torch.equal(a, b) for a, b in zip(seen, own))
+    assert all(layer.zero_scales is None for layer in layers)
+    with _CountNonzero() as counter:
+        net.backbone(x)  # no task set: the base network
+        net.context.task = task
+        net.backbone(x).sum().backward()
+        net.context.task = None
+    assert counter.calls == len(layers)

@@ -3,7 +3,8 @@ from .base import TaskAdaptedLayer, TaskContext, TaskCost, TaskModule
 from .batchnorm import TaskBatchNorm
 from .masks import BinaryMask, pack_bits, unpack_bits
 from .piggyback import PiggybackLayer
-from .rkr import PLACEMENTS, RKRLayer
+from .rkr import PLACEMENTS, RKRLayer, zero_scales_found
 
 __all__ = ["BinaryMask", "PLACEMENTS", "PiggybackLayer", "RKRLayer", "TaskAdaptedLayer",
-           "TaskBatchNorm", "TaskContext", "TaskCost", "TaskModule", "pack_bits", "unpack_bits"]
+           "TaskBatchNorm", "TaskContext", "TaskCost", "TaskModule", "pack_bits", "unpack_bits",
+           "zero_scales_found"]

@@ -13,8 +13,9 @@ asked for. Built on them:
   and the rank-K path), the factors' gradients from the rank-K path's thin activations,
   and never a weight gradient of W. It saves the output y rather than the pre-scale
   output u (which autograd would keep for dL/dF): dL/dF = sum(g * y) / F, with u kept
-  only for the channels whose |F| is too small to divide by. The output is usually saved
-  anyway by the next op (GELU, attention), so this costs no memory.
+  only for the channels whose |F| is too small to divide by (found for the whole network
+  at once by :func:`~.rkr.zero_scales_found` when it runs the layer). The output is
+  usually saved anyway by the next op (GELU, attention), so this costs no memory.
 * :func:`masked` (Piggyback): y = (W * M) x + b with M = 1[S > threshold] and the
   straight-through estimator dL/dS = dL/d(W * M) * W. It saves x and S, not the masked
   weight: backward recomputes W * M instead of keeping a weight-sized copy per layer
@@ -22,8 +23,8 @@ asked for. Built on them:
   buffer of the network's :class:`~.base.TaskContext`, reused by every layer.
 
 Both run their math in the autocast dtype when autocast is on (as ``F.linear`` would);
-autograd casts each gradient they return to its input's dtype. The frozen base must not require a gradient
-(the layers use plain autograd while it trains with the first task).
+autograd casts each gradient they return to its input's dtype. The frozen base must not
+require a gradient (the layers use plain autograd while it trains with the first task).
 """
 from __future__ import annotations
 
@@ -77,6 +78,18 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype)
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``: ``t`` itself when it already is (no alias of an input, which
+    Dynamo cannot trace through an autograd function when it is saved for backward)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def near_zero(f: torch.Tensor) -> torch.Tensor:
+    """Bool (out,): the scales F too small to divide by in their dtype. For those channels
+    dL/dF comes from the pre-scale output instead of sum(g * y) / F."""
+    return f.abs() < torch.finfo(f.dtype).tiny ** 0.5
+
+
 def make_op(base: nn.Linear | nn.Conv2d) -> LinearOp | ConvOp | None:
     """The op of ``base``; None for convolutions the fused paths do not cover (grouped,
     string padding, non-zero padding modes), which keep plain autograd."""
@@ -127,14 +140,14 @@ class _Rectified(torch.autograd.Function):
     """See :func:`rectified`; ``layer`` gives the op, the rank path and the fold."""
 
     @staticmethod
-    def forward(ctx, x, lm, rm, f, layer, fold: bool):
+    def forward(ctx, x, lm, rm, f, layer, fold: bool, small):
         base, op, path = layer.base, layer.op, layer.rank_path
         dtype = compute_dtype(x, base.weight)
         with torch.autocast(x.device.type, enabled=False), torch.no_grad():
-            xc, fc, lmc, rmc = x.to(dtype), f.to(dtype), lm.to(dtype), rm.to(dtype)
-            bias = None if base.bias is None else base.bias.to(dtype)
-            # the channels F cancels (F = 0 among them): dL/dF there needs the pre-scale output
-            small = (fc.abs() < torch.finfo(dtype).tiny ** 0.5).nonzero().flatten()
+            xc, fc, lmc, rmc = (cast(t, dtype) for t in (x, f, lm, rm))
+            bias = None if base.bias is None else cast(base.bias, dtype)
+            if small is None:  # a host sync on GPU, a graph break under torch.compile
+                small = near_zero(fc).nonzero().flatten()
             a, b = path.kernels(lmc, rmc)
             w_eff = z = u_small = None
             if fold:
@@ -182,18 +195,19 @@ class _Rectified(torch.autograd.Function):
             df = _channel_dot(op, g, y) / fc  # inf or nan where F = 0: overwritten below
             if len(small):
                 df[small] = _channel_sum(op, _take_channels(op, g, small) * u_small)
-        return dx, d_lm, d_rm, df, None, None  # autograd casts each to its input's dtype
+        return dx, d_lm, d_rm, df, None, None, None  # autograd casts each to its input's dtype
 
 
 def rectified(layer, x: torch.Tensor, lm: torch.Tensor, rm: torch.Tensor, f: torch.Tensor,
-              fold: bool) -> torch.Tensor:
+              fold: bool, small: torch.Tensor | None = None) -> torch.Tensor:
     """RKR training output y = F * ((W + R) x + b) of ``layer`` (an :class:`RKRLayer`).
 
     x: the layer's input, (..., in) or (N, in, H, W). lm, rm, f: the task's factors with
     masks applied. ``fold``: fold F * (W + R) into one weight, else add the rank-K path
-    to the base op's output.
+    to the base op's output. ``small``: the indices of :func:`near_zero` channels of
+    ``f`` in the compute dtype when known (found here otherwise).
     """
-    return _Rectified.apply(x, lm, rm, f, layer, fold)
+    return _Rectified.apply(x, lm, rm, f, layer, fold, small)
 
 
 def _masked_weight(layer, scores: torch.Tensor, threshold: float,
@@ -205,6 +219,8 @@ def _masked_weight(layer, scores: torch.Tensor, threshold: float,
     (see benchmarks/RESULTS.md).
     """
     weight, context = layer.base.weight, layer.context
+    if torch.compiler.is_compiling():  # a compiler fuses this itself, into its own memory
+        return torch.where(scores > threshold, weight, 0).to(dtype)
     out = context.scratch("masked_weight", weight.shape, scores.dtype, weight.device)
     torch.gt(scores, threshold, out=out).mul_(weight)
     if dtype != out.dtype:
@@ -220,9 +236,9 @@ class _Masked(torch.autograd.Function):
         base = layer.base
         dtype = compute_dtype(x, base.weight)
         with torch.autocast(x.device.type, enabled=False), torch.no_grad():
-            xc = x.to(dtype)
+            xc = cast(x, dtype)
             w_eff = _masked_weight(layer, scores, threshold, dtype)
-            y = layer.op(xc, w_eff, None if base.bias is None else base.bias.to(dtype))
+            y = layer.op(xc, w_eff, None if base.bias is None else cast(base.bias, dtype))
         ctx.layer, ctx.threshold, ctx.dtype = layer, threshold, dtype
         ctx.save_for_backward(xc, scores)
         return y

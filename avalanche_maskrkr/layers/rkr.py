@@ -34,12 +34,14 @@ uses the cached fold of :class:`~.base.TaskAdaptedLayer`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from .base import TaskAdaptedLayer, TaskContext
-from .functional import rectified
+from .functional import compute_dtype, near_zero, rectified
 from .masks import BinaryMask
 from .rank_path import make_rank_path
 
@@ -79,6 +81,8 @@ class RKRLayer(TaskAdaptedLayer):
         self.placement = placement
         self.mask_init, self.mask_threshold = mask_init, mask_threshold
         self.path = "auto"
+        # (task, dtype, indices of its near-zero scales), set by zero_scales_found
+        self.zero_scales: tuple[int, torch.dtype, torch.Tensor] | None = None
         self.rank_path = make_rank_path(base, rank, n_split) if self.op is not None else None
 
     # -- parameters ----------------------------------------------------------------
@@ -192,9 +196,44 @@ class RKRLayer(TaskAdaptedLayer):
         if path == "autograd":
             return super().forward_train(x, task)
         lm, rm, f, _ = self.factors(task)
-        return rectified(self, x, lm, rm, f, fold=path == "fold")
+        found, dtype = self.zero_scales, compute_dtype(x, self.base.weight)
+        small = found[2] if found is not None and found[:2] == (task, dtype) else None
+        return rectified(self, x, lm, rm, f, path == "fold", small)
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, n_split={self.n_split}, mask_rg={self.mask_rg}, "
                 f"mask_sfg={self.mask_sfg}, placement={self.placement}, "
                 f"{super().extra_repr()}")
+
+
+@contextmanager
+def zero_scales_found(layers: list[RKRLayer], task: int) -> Iterator[None]:
+    """Within the block, each of ``layers`` knows which of ``task``'s scales F are too small
+    to divide by (:func:`~.functional.near_zero`), found for all layers at once.
+
+    A layer that finds them itself does so in every training forward, a host sync per
+    layer on GPU and a graph break under ``torch.compile``; this costs one sync per
+    network forward where no F is near zero (RKR), two where some are (Mask-RKR's masked
+    scales). Outside the block (or in another dtype) each layer finds them itself.
+    """
+    with torch.no_grad():
+        layers = [layer for layer in layers if layer.has_task(task)]
+        scales = [layer.factors(task)[2] for layer in layers]
+        dtypes = [compute_dtype(f, layer.base.weight) for f, layer in zip(scales, layers)]
+        flags = [near_zero(f.to(dtype)) for f, dtype in zip(scales, dtypes)]
+        found = torch.cat(flags).nonzero().flatten() if flags else None
+        if found is not None and len(found):
+            sizes = torch.tensor([len(f) for f in flags], device=found.device)
+            counts = torch.bucketize(found, sizes.cumsum(0), right=True)
+            parts = found.split(counts.bincount(minlength=len(flags)).tolist())
+            starts = (sizes.cumsum(0) - sizes).tolist()
+            found = [part - start for part, start in zip(parts, starts)]
+        else:
+            found = [found] * len(layers)
+    for layer, dtype, small in zip(layers, dtypes, found):
+        layer.zero_scales = (task, dtype, small)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.zero_scales = None
