@@ -90,9 +90,10 @@ class Setup:
 
 
 def build_setup(base: nn.Module, method: str, device: torch.device, batch: int,
-                channels_last: bool) -> Setup:
+                channels_last: bool, compile: bool = False) -> Setup:
     """``method`` ("ft", CONTROL, FLOOR or one of METHODS) over a copy of ``base``, ready
-    to train."""
+    to train; with ``compile``, its inner network (the timm model, or a method network's
+    backbone) is compiled with ``torch.compile``'s default backend."""
     model, task = copy.deepcopy(base), None
     if method in ("ft", CONTROL):
         model.requires_grad_(True)
@@ -120,6 +121,10 @@ def build_setup(base: nn.Module, method: str, device: torch.device, batch: int,
     model.to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if compile:  # one entry per model and mode: more than Dynamo's default limit of 8
+        config = torch._dynamo.config
+        config.recompile_limit = config.accumulated_recompile_limit = 256
+        getattr(model, "backbone", model).compile()
     return Setup(model, forward, torch.optim.Adam(params, lr=1e-4), task)
 
 
@@ -193,7 +198,7 @@ def measure_peak_memory(args: argparse.Namespace, backbone: str, method: str) ->
     """Peak bytes of two training steps above the built model (run in a fresh process)."""
     device, batch = torch.device(args.device), batch_size(args, backbone)
     base, x, y = make_inputs(args, backbone, device)
-    setup = build_setup(base, method, device, batch, args.channels_last)
+    setup = build_setup(base, method, device, batch, args.channels_last, args.compile)
     del base
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -219,6 +224,8 @@ def peak_memory_in_subprocess(args: argparse.Namespace, backbone: str, method: s
         command += ["--img-size", str(args.img_size)]
     if args.channels_last:
         command.append("--channels-last")
+    if args.compile:
+        command.append("--compile")
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return int(out.strip().splitlines()[-1])
 
@@ -246,7 +253,8 @@ def benchmark(args: argparse.Namespace, backbone: str) -> list[dict]:
     device = torch.device(args.device)
     base, x, y = make_inputs(args, backbone, device)
     names = ["ft", CONTROL, FLOOR, *args.methods]
-    setups = {n: build_setup(base, n, device, len(x), args.channels_last) for n in names}
+    setups = {n: build_setup(base, n, device, len(x), args.channels_last, args.compile)
+              for n in names}
     train = alternate({n: (lambda s=s: train_step(s, x, y, args.precision))
                        for n, s in setups.items()}, args.repeats, args.warmup, device)
     for setup in setups.values():
@@ -314,6 +322,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every configuration's inner network (the "
+                        "warm-up steps include compilation)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the peak-memory subprocesses")
@@ -338,7 +349,8 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()[0]
     rows = [row for name in args.backbones.split(",") for row in benchmark(args, name)]
     print(f"{datetime.date.today()}, {describe_machine(device)}, precision {args.precision}"
-          f"{', channels-last' if args.channels_last else ''}, {args.repeats} train / "
+          f"{', channels-last' if args.channels_last else ''}"
+          f"{', compiled' if args.compile else ''}, {args.repeats} train / "
           f"{args.eval_repeats} eval repeats; 1-min load average {load:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after\n")
     print(markdown(rows))
