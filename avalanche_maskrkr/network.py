@@ -18,7 +18,8 @@ from avalanche.models import MultiTaskModule
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers import RKRLayer, TaskBatchNorm, TaskContext, TaskModule, zero_scales_found
+from .layers import (RKRLayer, TaskAdaptedLayer, TaskBatchNorm, TaskContext, TaskModule,
+                     zero_scales_found)
 from .options import MethodOptions
 
 STREAM_HINT = (
@@ -61,7 +62,8 @@ class TaskAwareNetwork(MultiTaskModule):
         # RKR layers save their output for backward: an in-place activation after one
         # (ReLU(inplace=True) right after a convolution) would overwrite it, so modules
         # with an in-place switch compute out of place while training
-        self._rkr_layers = [m for m in backbone.modules() if isinstance(m, RKRLayer)]
+        self._adapted_layers = [m for m in backbone.modules() if isinstance(m, TaskAdaptedLayer)]
+        self._rkr_layers = [m for m in self._adapted_layers if isinstance(m, RKRLayer)]
         self._in_place = ([m for m in backbone.modules() if getattr(m, "inplace", None) is True]
                           if self._rkr_layers else [])
         for module in self._in_place:
@@ -158,12 +160,18 @@ class TaskAwareNetwork(MultiTaskModule):
             raise KeyError(f"no head for task {task_label}: run Avalanche's model "
                            "adaptation for its experience first (strategy.train/eval do)")
         self.context.task = task_label
+        grad = torch.is_grad_enabled()
+        if not grad:  # evaluation: the folds are checked here, outside a compiled backbone
+            for layer in self._adapted_layers:
+                layer.drop_stale_fold()
+        self.context.folds_checked = not grad
         try:
             with (zero_scales_found(self._rkr_layers, task_label)
-                  if torch.is_grad_enabled() and self._rkr_layers else nullcontext()):
+                  if grad and self._rkr_layers else nullcontext()):
                 features = self.backbone(x)
         finally:
             self.context.task = None
+            self.context.folds_checked = False
         return self.heads[str(task_label)](features)
 
     def train(self, mode: bool = True):

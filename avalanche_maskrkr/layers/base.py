@@ -20,12 +20,15 @@ from .masks import BinaryMask
 
 class TaskContext:
     """What the task layers of one network share: the task label the network is computing
-    (``None``: the base network) and reusable work buffers."""
+    (``None``: the base network), whether the network has dropped every stale fold cache
+    before this forward (``folds_checked``: the layers then skip their own check, which
+    would break a compiled graph), and reusable work buffers."""
 
-    __slots__ = ("task", "_buffers")
+    __slots__ = ("task", "folds_checked", "_buffers")
 
     def __init__(self) -> None:
         self.task: int | None = None
+        self.folds_checked = False
         self._buffers: dict[tuple, torch.Tensor] = {}
 
     def scratch(self, slot: str, shape: torch.Size, dtype: torch.dtype,
@@ -167,11 +170,20 @@ class TaskAdaptedLayer(TaskModule):
         only compares version counters, the cheap check on every evaluation forward.
         """
         cache = self._fold_cache
-        if cache is not None and cache[0] == task and all(t._version == v for t, v in cache[1]):
+        if cache is not None and cache[0] == task and (
+                self.context.folds_checked or not self._fold_is_stale()):
             return cache[2]
         versions = [(t, t._version) for t in self.fold_dependencies(task)]
         self._fold_cache = (task, versions, self.effective(task))
         return self._fold_cache[2]
+
+    def _fold_is_stale(self) -> bool:
+        return any(t._version != v for t, v in self._fold_cache[1])
+
+    def drop_stale_fold(self) -> None:
+        """Drop the cached fold if a tensor it was folded from has changed since."""
+        if self._fold_cache is not None and self._fold_is_stale():
+            self._fold_cache = None
 
     def finish_task(self, task: int) -> None:
         super().finish_task(task)
