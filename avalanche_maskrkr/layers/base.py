@@ -167,7 +167,9 @@ class TaskAdaptedLayer(TaskModule):
         """The effective (weight, bias) of ``task``, computed once and cached.
 
         The cache holds (task, [(tensor, version) for each dependency], result): a hit
-        only compares version counters, the cheap check on every evaluation forward.
+        only compares version counters, the cheap check on every evaluation forward,
+        skipped when the network has made it for all layers (``context.folds_checked``;
+        version counters cannot be traced by ``torch.compile``).
         """
         cache = self._fold_cache
         if cache is not None and cache[0] == task and (
