@@ -121,9 +121,7 @@ def build_setup(base: nn.Module, method: str, device: torch.device, batch: int,
     model.to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    if compile:  # one entry per model and mode: more than Dynamo's default limit of 8
-        config = torch._dynamo.config
-        config.recompile_limit = config.accumulated_recompile_limit = 256
+    if compile:
         getattr(model, "backbone", model).compile()
     return Setup(model, forward, torch.optim.Adam(params, lr=1e-4), task)
 
@@ -341,6 +339,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.compile:  # one entry per model and mode: more than Dynamo's default limit of 8
+        config = torch._dynamo.config
+        config.recompile_limit = config.accumulated_recompile_limit = 256
     if args.memory_probe:
         backbone, method = args.memory_probe.split(":")
         print(measure_peak_memory(args, backbone, method))

@@ -33,6 +33,7 @@ uses the cached fold of :class:`~.base.TaskAdaptedLayer`.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -223,11 +224,10 @@ def zero_scales_found(layers: list[RKRLayer], task: int) -> Iterator[None]:
         flags = [near_zero(f.to(dtype)) for f, dtype in zip(scales, dtypes)]
         found = torch.cat(flags).nonzero().flatten() if flags else None
         if found is not None and len(found):
-            sizes = torch.tensor([len(f) for f in flags], device=found.device)
-            counts = torch.bucketize(found, sizes.cumsum(0), right=True)
-            parts = found.split(counts.bincount(minlength=len(flags)).tolist())
-            starts = (sizes.cumsum(0) - sizes).tolist()
-            found = [part - start for part, start in zip(parts, starts)]
+            ends = list(itertools.accumulate(len(f) for f in flags))
+            owner = torch.bucketize(found, torch.tensor(ends, device=found.device), right=True)
+            parts = found.split(owner.bincount(minlength=len(flags)).tolist())
+            found = [part - start for part, start in zip(parts, [0, *ends[:-1]])]
         else:
             found = [found] * len(layers)
     for layer, dtype, small in zip(layers, dtypes, found):
