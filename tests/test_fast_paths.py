@@ -242,8 +242,9 @@ def test_rkr_fused_paths_equal_plain_autograd(kind, masks, path):
 @pytest.mark.parametrize("path", ["fold", "activations"])
 @pytest.mark.parametrize("kind", ["qkv", "conv"])
 def test_rkr_fused_paths_save_no_pre_scale_output(kind, path):
-    """Backward keeps x, the output y, the factors and the fold (or the K-channel z):
-    no second output-sized tensor (the pre-scale output autograd would keep for dL/dF)."""
+    """Backward keeps x, the output y and the factors (and, off the fold, the K-channel
+    z): no second output-sized tensor (the pre-scale output autograd would keep for
+    dL/dF) and no weight-sized one (backward folds F * (W + R) again)."""
     layer, task, x = _rkr_layer(kind, masks=False)
     layer.path = path
     saved = []
@@ -252,7 +253,8 @@ def test_rkr_fused_paths_save_no_pre_scale_output(kind, path):
     pointers = [t.data_ptr() for t in saved]
     assert x.data_ptr() in pointers and y.data_ptr() in pointers
     others = [t for t in saved if t.data_ptr() not in (x.data_ptr(), y.data_ptr())]
-    assert others and all(t.numel() < y.numel() for t in others)
+    assert others and all(t.numel() < y.numel() and t.shape != layer.base.weight.shape
+                          for t in others)
 
 
 @pytest.mark.parametrize("kind", ["linear", "qkv", "conv", "conv-dilated"])

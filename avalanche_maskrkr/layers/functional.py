@@ -10,8 +10,10 @@ asked for. Built on them:
   the weight has entries per output channel (then the fold costs less than passes over
   the output), else it runs the base op and adds R x (:mod:`.rank_path`) in place.
   Backward computes dL/dx like the frozen base (through the folded weight, or through W
-  and the rank-K path), the factors' gradients from the rank-K path's thin activations,
-  and never a weight gradient of W. It saves the output y rather than the pre-scale
+  and the rank-K path), the factors' gradients from the rank-K path's thin activations
+  z = A x (computed in forward on both paths), and never a weight gradient of W. Like the
+  masked weight below, the fold is written into a work buffer in forward and again in
+  backward rather than kept per layer. It saves the output y rather than the pre-scale
   output u (which autograd would keep for dL/dF): dL/dF = sum(g * y) / F, with u kept
   only for the channels whose |F| is too small to divide by (found for the whole network
   at once by :func:`~.rkr.zero_scales_found` when it runs the layer). The output is
@@ -149,15 +151,14 @@ class _Rectified(torch.autograd.Function):
             if small is None:  # a host sync on GPU, a graph break under torch.compile
                 small = near_zero(fc).nonzero().flatten()
             a, b = path.kernels(lmc, rmc)
-            w_eff = z = u_small = None
+            u_small = None
             if fold:
                 if len(small):
-                    w_rect = layer.rectified_weight(lm, rm).to(dtype)
-                    u_small = op(xc, w_rect[small], None if bias is None else bias[small])
-                    w_eff = w_rect.mul_(_rows(fc, w_rect))
-                else:
-                    w_eff = layer.rectified_weight(lm, rm, f).to(dtype)
+                    w_rect = layer.rectified_weight(lm, rm)[small].to(dtype)
+                    u_small = op(xc, w_rect, None if bias is None else bias[small])
+                w_eff = _rectified_weight(layer, lm, rm, f, dtype)
                 y = op(xc, w_eff, None if bias is None else fc * bias)
+                z = path.first(xc, a)
             else:
                 y = op(xc, base.weight.to(dtype), bias)
                 z = path.first(xc, a)
@@ -166,17 +167,20 @@ class _Rectified(torch.autograd.Function):
                     u_small = _take_channels(op, y, small)
                 y.mul_(_channels(op, fc, y.dim()))
         ctx.layer, ctx.fold, ctx.dtype = layer, fold, dtype
-        ctx.save_for_backward(xc, y, a, b, fc, w_eff, z, small, u_small)
+        ctx.save_for_backward(xc, y, lm, rm, f, a, b, fc, z, small, u_small)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        xc, y, a, b, fc, w_eff, z, small, u_small = ctx.saved_tensors
+        xc, y, lm, rm, f, a, b, fc, z, small, u_small = ctx.saved_tensors
         op, path = ctx.layer.op, ctx.layer.rank_path
         need_x = ctx.needs_input_grad[0]
         g = g.to(ctx.dtype)
-        if z is None:
-            z = path.first(xc, a)
+        df = None
+        if ctx.needs_input_grad[3]:
+            df = _channel_dot(op, g, y) / fc  # inf or nan where F = 0: overwritten below
+            if len(small):
+                df[small] = _channel_sum(op, _take_channels(op, g, small) * u_small)
         # the rank-K path sees g * F: written with F on B (out, .), a small tensor
         f_rows = _rows(fc, b)
         dz, d_b = path.second_grads(g, z, b * f_rows)
@@ -185,16 +189,12 @@ class _Rectified(torch.autograd.Function):
         dx = None
         if need_x:
             if ctx.fold:
+                w_eff = _rectified_weight(ctx.layer, lm, rm, f, ctx.dtype)
                 dx, _ = op.grads(g, xc, w_eff, True, False)
             else:
                 gf = g * _channels(op, fc, g.dim())
                 dx, _ = op.grads(gf, xc, ctx.layer.base.weight.to(ctx.dtype), True, False)
                 dx += dx_rank
-        df = None
-        if ctx.needs_input_grad[3]:
-            df = _channel_dot(op, g, y) / fc  # inf or nan where F = 0: overwritten below
-            if len(small):
-                df[small] = _channel_sum(op, _take_channels(op, g, small) * u_small)
         return dx, d_lm, d_rm, df, None, None, None  # autograd casts each to its input's dtype
 
 
@@ -210,6 +210,33 @@ def rectified(layer, x: torch.Tensor, lm: torch.Tensor, rm: torch.Tensor, f: tor
     return _Rectified.apply(x, lm, rm, f, layer, fold, small)
 
 
+def _weight_scratch(layer, slot: str, dtype: torch.dtype) -> torch.Tensor:
+    """A work buffer of the base weight's shape from the layer's context."""
+    weight = layer.base.weight
+    return layer.context.scratch(slot, weight.shape, dtype, weight.device)
+
+
+def _in_dtype(layer, slot: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` (weight-shaped) in ``dtype``, copied into a work buffer when it is not."""
+    return t if t.dtype == dtype else _weight_scratch(layer, slot, dtype).copy_(t)
+
+
+def _rectified_weight(layer, lm: torch.Tensor, rm: torch.Tensor, f: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """F * (W + R) in ``dtype``, written into the context's work buffers.
+
+    Forward and backward each fold it again instead of keeping a weight-sized copy per
+    layer alive between them: the fold path is taken only where a fold costs less than
+    passes over the activations, and on CPU every layer writing the same buffer spares
+    the page faults of fresh allocations.
+    """
+    if torch.compiler.is_compiling():  # a compiler plans its own memory
+        return layer.rectified_weight(lm, rm, f).to(dtype)
+    w_eff = layer.rectified_weight(
+        lm, rm, f, out=_weight_scratch(layer, "rectified_weight", layer.base.weight.dtype))
+    return _in_dtype(layer, "rectified_weight", w_eff, dtype)
+
+
 def _masked_weight(layer, scores: torch.Tensor, threshold: float,
                    dtype: torch.dtype) -> torch.Tensor:
     """W * 1[S > threshold] in ``dtype``, written into the context's work buffers.
@@ -218,14 +245,11 @@ def _masked_weight(layer, scores: torch.Tensor, threshold: float,
     multiplied by W in place: on CPU much faster than ``torch.where`` over a bool tensor
     (see benchmarks/RESULTS.md).
     """
-    weight, context = layer.base.weight, layer.context
+    weight = layer.base.weight
     if torch.compiler.is_compiling():  # a compiler fuses this itself, into its own memory
         return torch.where(scores > threshold, weight, 0).to(dtype)
-    out = context.scratch("masked_weight", weight.shape, scores.dtype, weight.device)
-    torch.gt(scores, threshold, out=out).mul_(weight)
-    if dtype != out.dtype:
-        out = context.scratch("masked_weight", weight.shape, dtype, weight.device).copy_(out)
-    return out
+    out = torch.gt(scores, threshold, out=_weight_scratch(layer, "masked_weight", scores.dtype))
+    return _in_dtype(layer, "masked_weight", out.mul_(weight), dtype)
 
 
 class _Masked(torch.autograd.Function):

@@ -137,8 +137,10 @@ class RKRLayer(TaskAdaptedLayer):
         return prod.permute(0, 4, 2, 1, 3).reshape(self.base.weight.shape)
 
     def rectified_weight(self, lm: torch.Tensor, rm: torch.Tensor,
-                         f: torch.Tensor | None = None) -> torch.Tensor:
-        """F * (W + R), or W + R without ``f``, as a new tensor of W's shape.
+                         f: torch.Tensor | None = None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+        """F * (W + R), or W + R without ``f``, of W's shape and dtype: a new tensor, or
+        written into ``out`` (contiguous, W's shape) when given.
 
         For a Linear: W scaled by F, then one batched GEMM with F folded into RM, written
         in place in W's layout (no separate R, no permuted copy of it, no extra pass over
@@ -146,13 +148,15 @@ class RKRLayer(TaskAdaptedLayer):
         """
         w = self.base.weight
         if self.is_conv:
-            rectified = w + self.rectification(lm, rm)
+            rectified = torch.add(w, self.rectification(lm, rm), out=out)
             return rectified if f is None else rectified.mul_(f.view(-1, 1, 1, 1))
         s, rows, cols = self.n_split, rm.transpose(1, 2), lm.transpose(1, 2)
         if f is None:
-            return torch.baddbmm(w.view(s, -1, w.shape[1]), rows, cols).view(w.shape)
-        scaled = (w * f[:, None]).view(s, -1, w.shape[1])
-        return scaled.baddbmm_(rows * f.view(s, -1, 1), cols).view(w.shape)
+            result = w.clone() if out is None else out.copy_(w)
+        else:
+            result = torch.mul(w, f[:, None], out=out)
+            rows = rows * f.view(s, -1, 1)
+        return result.view(s, -1, w.shape[1]).baddbmm_(rows, cols).view(w.shape)
 
     def effective(self, task: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         lm, rm, f, r_mask = self.factors(task)
