@@ -242,9 +242,9 @@ def test_rkr_fused_paths_equal_plain_autograd(kind, masks, path):
 @pytest.mark.parametrize("path", ["fold", "activations"])
 @pytest.mark.parametrize("kind", ["qkv", "conv"])
 def test_rkr_fused_paths_save_no_pre_scale_output(kind, path):
-    """Backward keeps x, the output y and the factors (and, off the fold, the K-channel
-    z): no second output-sized tensor (the pre-scale output autograd would keep for
-    dL/dF) and no weight-sized one (backward folds F * (W + R) again)."""
+    """Backward keeps x, the output y, the factors and the K-channel z: no second
+    output-sized tensor (the pre-scale output autograd would keep for dL/dF) and no
+    weight-sized one (backward folds F * (W + R) again)."""
     layer, task, x = _rkr_layer(kind, masks=False)
     layer.path = path
     saved = []

@@ -151,17 +151,17 @@ class _Rectified(torch.autograd.Function):
             if small is None:  # a host sync on GPU, a graph break under torch.compile
                 small = near_zero(fc).nonzero().flatten()
             a, b = path.kernels(lmc, rmc)
-            u_small = None
+            z, u_small = path.first(xc, a), None
             if fold:
                 if len(small):
-                    w_rect = layer.rectified_weight(lm, rm)[small].to(dtype)
-                    u_small = op(xc, w_rect, None if bias is None else bias[small])
-                w_eff = _rectified_weight(layer, lm, rm, f, dtype)
+                    w_rect = _rectified_weight(layer, lm, rm, None, dtype)  # W + R
+                    u_small = op(xc, w_rect[small], None if bias is None else bias[small])
+                    w_eff = w_rect.mul_(_rows(fc, w_rect))
+                else:
+                    w_eff = _rectified_weight(layer, lm, rm, f, dtype)
                 y = op(xc, w_eff, None if bias is None else fc * bias)
-                z = path.first(xc, a)
             else:
                 y = op(xc, base.weight.to(dtype), bias)
-                z = path.first(xc, a)
                 path.add_second(y, z, b)
                 if len(small):
                     u_small = _take_channels(op, y, small)
@@ -221,9 +221,10 @@ def _in_dtype(layer, slot: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return t if t.dtype == dtype else _weight_scratch(layer, slot, dtype).copy_(t)
 
 
-def _rectified_weight(layer, lm: torch.Tensor, rm: torch.Tensor, f: torch.Tensor,
+def _rectified_weight(layer, lm: torch.Tensor, rm: torch.Tensor, f: torch.Tensor | None,
                       dtype: torch.dtype) -> torch.Tensor:
-    """F * (W + R) in ``dtype``, written into the context's work buffers.
+    """F * (W + R), or W + R without ``f``, in ``dtype``, written into the context's work
+    buffers.
 
     Forward and backward each fold it again instead of keeping a weight-sized copy per
     layer alive between them: the fold path is taken only where a fold costs less than

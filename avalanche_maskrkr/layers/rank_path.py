@@ -39,8 +39,7 @@ class LinearRankPath:
         """LM (s, in, K), RM (s, K, out/s) -> A (s*K, in), B (out, s*K).
 
         B is the transpose of a contiguous (s*K, out) tensor: g @ B over an output
-        gradient g (P, out) then reads g row by row, several times faster on CPU than
-        with a row-major B."""
+        gradient g (P, out) then reads g row by row (see benchmarks/RESULTS.md)."""
         s, n_in, k = lm.shape
         b = rm[0].T if s == 1 else torch.block_diag(*rm).T
         return lm.transpose(1, 2).reshape(s * k, n_in), b

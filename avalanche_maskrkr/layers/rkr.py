@@ -151,12 +151,12 @@ class RKRLayer(TaskAdaptedLayer):
             rectified = torch.add(w, self.rectification(lm, rm), out=out)
             return rectified if f is None else rectified.mul_(f.view(-1, 1, 1, 1))
         s, rows, cols = self.n_split, rm.transpose(1, 2), lm.transpose(1, 2)
+        parts = (s, -1, w.shape[1])
         if f is None:
-            result = w.clone() if out is None else out.copy_(w)
-        else:
-            result = torch.mul(w, f[:, None], out=out)
-            rows = rows * f.view(s, -1, 1)
-        return result.view(s, -1, w.shape[1]).baddbmm_(rows, cols).view(w.shape)
+            out = None if out is None else out.view(parts)
+            return torch.baddbmm(w.view(parts), rows, cols, out=out).view(w.shape)
+        scaled = torch.mul(w, f[:, None], out=out).view(parts)
+        return scaled.baddbmm_(rows * f.view(s, -1, 1), cols).view(w.shape)
 
     def effective(self, task: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         lm, rm, f, r_mask = self.factors(task)
