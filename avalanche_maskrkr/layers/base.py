@@ -118,6 +118,7 @@ class TaskAdaptedLayer(TaskModule):
         super().__init__(context)
         self.base = base
         self.op = make_op(base)
+        self.is_conv = isinstance(base, nn.Conv2d)
         self._fold_cache: tuple | None = None
 
     # -- what a method defines -------------------------------------------------------
@@ -135,10 +136,6 @@ class TaskAdaptedLayer(TaskModule):
                 *self.tasks[str(task)].buffers()]
 
     # -- shared machinery -------------------------------------------------------------
-    @property
-    def is_conv(self) -> bool:
-        return isinstance(self.base, nn.Conv2d)
-
     def base_op(self, x: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
         """The base layer's operation with another weight and bias."""
@@ -152,17 +149,23 @@ class TaskAdaptedLayer(TaskModule):
         return {"device": self.base.weight.device, "dtype": self.base.weight.dtype}
 
     @property
+    def base_trains(self) -> bool:
+        """Whether the base layer's weight or bias requires a gradient (it trains with the
+        first task under ``train_base_first``)."""
+        bias = self.base.bias
+        return self.base.weight.requires_grad or (bias is not None and bias.requires_grad)
+
+    @property
     def can_fuse(self) -> bool:
         """Whether the fused training paths apply: a supported op over a frozen base."""
-        return self.op is not None and not any(p.requires_grad for p in self.base.parameters())
+        return self.op is not None and not self.base_trains
 
     def needs_grad(self, task: int) -> bool:
         if not torch.is_grad_enabled():
             return False
-        return any(p.requires_grad for p in self.base.parameters()) or any(
+        return self.base_trains or any(
             p.requires_grad for p in self.tasks[str(task)].parameters())
 
-    @torch.no_grad()
     def folded(self, task: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The effective (weight, bias) of ``task``, computed once and cached.
 
@@ -176,7 +179,8 @@ class TaskAdaptedLayer(TaskModule):
                 self.context.folds_checked or not self._fold_is_stale()):
             return cache[2]
         versions = [(t, t._version) for t in self.fold_dependencies(task)]
-        self._fold_cache = (task, versions, self.effective(task))
+        with torch.no_grad():
+            self._fold_cache = (task, versions, self.effective(task))
         return self._fold_cache[2]
 
     def _fold_is_stale(self) -> bool:

@@ -30,6 +30,9 @@ require a gradient (the layers use plain autograd while it trains with the first
 """
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -78,6 +81,15 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return torch.promote_types(x.dtype, weight.dtype)
+
+
+def autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast switched off for ``x``'s device where it is on (the fused functions cast
+    to the compute dtype themselves), else a no-op context: entering ``torch.autocast``
+    costs more host time than several small ops."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -129,7 +141,7 @@ def _channel_dot(op, g: torch.Tensor, y: torch.Tensor, chunk: int = 2 ** 17) -> 
     it is still in cache."""
     rows = g.reshape(-1, g.shape[-1]) if op.channel_dim == -1 else g
     other = y.reshape(rows.shape)
-    step = max(1, chunk // rows[0].numel())
+    step = max(1, chunk // math.prod(rows.shape[1:]))
     if step >= len(rows):
         return _channel_sum(op, rows * other)
     total = _channel_sum(op, rows[:step] * other[:step])
@@ -142,10 +154,9 @@ class _Rectified(torch.autograd.Function):
     """See :func:`rectified`; ``layer`` gives the op, the rank path and the fold."""
 
     @staticmethod
-    def forward(ctx, x, lm, rm, f, layer, fold: bool, small):
+    def forward(ctx, x, lm, rm, f, layer, fold: bool, dtype: torch.dtype, small):
         base, op, path = layer.base, layer.op, layer.rank_path
-        dtype = compute_dtype(x, base.weight)
-        with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+        with autocast_off(x):  # an autograd function's forward runs without grad
             xc, fc, lmc, rmc = (cast(t, dtype) for t in (x, f, lm, rm))
             bias = None if base.bias is None else cast(base.bias, dtype)
             if small is None:  # a host sync on GPU, a graph break under torch.compile
@@ -173,41 +184,43 @@ class _Rectified(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         xc, y, lm, rm, f, a, b, fc, z, small, u_small = ctx.saved_tensors
-        op, path = ctx.layer.op, ctx.layer.rank_path
-        need_x = ctx.needs_input_grad[0]
+        layer = ctx.layer
+        op, path = layer.op, layer.rank_path
         g = g.to(ctx.dtype)
-        df = None
+        df = dx = None
         if ctx.needs_input_grad[3]:
-            df = _channel_dot(op, g, y) / fc  # inf or nan where F = 0: overwritten below
+            df = _channel_dot(op, g, y).div_(fc)  # inf or nan where F = 0: overwritten below
             if len(small):
                 df[small] = _channel_sum(op, _take_channels(op, g, small) * u_small)
-        # the rank-K path sees g * F: written with F on B (out, .), a small tensor
-        f_rows = _rows(fc, b)
-        dz, d_b = path.second_grads(g, z, b * f_rows)
-        dx_rank, d_a = path.first_grads(dz, xc, a, need_x and not ctx.fold)
-        d_lm, d_rm = path.kernel_grads(d_a, d_b * f_rows)
-        dx = None
-        if need_x:
-            if ctx.fold:
-                w_eff = _rectified_weight(ctx.layer, lm, rm, f, ctx.dtype)
+        if ctx.needs_input_grad[0] and not ctx.fold:
+            # dL/dx = (g F) W + dL/dz A: the one pass for g F serves every product
+            gf = g * _channels(op, fc, g.dim())
+            dz, d_bt = path.second_grads(gf, z, b)
+            dx_rank, d_a = path.first_grads(dz, xc, a, True)
+            dx, _ = op.grads(gf, xc, layer.base.weight.to(ctx.dtype), True, False)
+            dx += dx_rank
+        else:  # F goes on B and on dL/dB, small tensors, instead of a pass over g
+            dz, d_bt = path.second_grads(g, z, b * _rows(fc, b))
+            d_bt.mul_(fc)
+            _, d_a = path.first_grads(dz, xc, a, False)
+            if ctx.needs_input_grad[0]:
+                w_eff = _rectified_weight(layer, lm, rm, f, ctx.dtype)
                 dx, _ = op.grads(g, xc, w_eff, True, False)
-            else:
-                gf = g * _channels(op, fc, g.dim())
-                dx, _ = op.grads(gf, xc, ctx.layer.base.weight.to(ctx.dtype), True, False)
-                dx += dx_rank
-        return dx, d_lm, d_rm, df, None, None, None  # autograd casts each to its input's dtype
+        d_lm, d_rm = path.kernel_grads(d_a, d_bt)
+        return dx, d_lm, d_rm, df, None, None, None, None  # autograd casts each to its input's dtype
 
 
 def rectified(layer, x: torch.Tensor, lm: torch.Tensor, rm: torch.Tensor, f: torch.Tensor,
-              fold: bool, small: torch.Tensor | None = None) -> torch.Tensor:
+              fold: bool, dtype: torch.dtype, small: torch.Tensor | None = None) -> torch.Tensor:
     """RKR training output y = F * ((W + R) x + b) of ``layer`` (an :class:`RKRLayer`).
 
     x: the layer's input, (..., in) or (N, in, H, W). lm, rm, f: the task's factors with
     masks applied. ``fold``: fold F * (W + R) into one weight, else add the rank-K path
-    to the base op's output. ``small``: the indices of :func:`near_zero` channels of
-    ``f`` in the compute dtype when known (found here otherwise).
+    to the base op's output. ``dtype``: the compute dtype (:func:`compute_dtype`).
+    ``small``: the indices of :func:`near_zero` channels of ``f`` in ``dtype`` when
+    known (found here otherwise).
     """
-    return _Rectified.apply(x, lm, rm, f, layer, fold, small)
+    return _Rectified.apply(x, lm, rm, f, layer, fold, dtype, small)
 
 
 def _weight_scratch(layer, slot: str, dtype: torch.dtype) -> torch.Tensor:
@@ -260,7 +273,7 @@ class _Masked(torch.autograd.Function):
     def forward(ctx, x, scores, threshold: float, layer):
         base = layer.base
         dtype = compute_dtype(x, base.weight)
-        with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+        with autocast_off(x):
             xc = cast(x, dtype)
             w_eff = _masked_weight(layer, scores, threshold, dtype)
             y = layer.op(xc, w_eff, None if base.bias is None else cast(base.bias, dtype))

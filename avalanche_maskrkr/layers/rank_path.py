@@ -7,7 +7,7 @@ than that on CPU backends). A path gives:
 
 * ``kernels(lm, rm) -> (A, B)`` and the inverse map of gradients ``kernel_grads``;
 * ``first(x, A) -> z`` (K channels per part), ``add_second(y, z, B)`` (y += B z in place);
-* ``second_grads(g, z, B) -> (dL/dz, dL/dB)`` and ``first_grads(dz, x, A, input) ->
+* ``second_grads(g, z, B) -> (dL/dz, dL/dB^T)`` and ``first_grads(dz, x, A, input) ->
   (dL/dx or None, dL/dA)`` for the output gradient g.
 
 Linear (``n_split`` parts, e.g. q, k, v of a fused qkv): A (s*K, in) stacks the parts'
@@ -44,11 +44,11 @@ class LinearRankPath:
         b = rm[0].T if s == 1 else torch.block_diag(*rm).T
         return lm.transpose(1, 2).reshape(s * k, n_in), b
 
-    def kernel_grads(self, d_a: torch.Tensor, d_b: torch.Tensor):
-        """(dL/dA, dL/dB) -> (dL/dLM, dL/dRM): the diagonal blocks of dL/dB."""
+    def kernel_grads(self, d_a: torch.Tensor, d_bt: torch.Tensor):
+        """(dL/dA, dL/dB^T) -> (dL/dLM, dL/dRM): the diagonal blocks of dL/dB."""
         s, k, p = self.n_split, self.rank, self.part
         d_lm = d_a.view(s, k, -1).transpose(1, 2)
-        blocks = d_b.T.reshape(s, k, s, p).diagonal(dim1=0, dim2=2)  # (K, out/s, s)
+        blocks = d_bt.view(s, k, s, p).diagonal(dim1=0, dim2=2)  # (K, out/s, s)
         return d_lm, blocks.permute(2, 0, 1)
 
     def first(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ class LinearRankPath:
 
     def second_grads(self, g: torch.Tensor, z: torch.Tensor, b: torch.Tensor):
         g2, z2 = g.reshape(-1, g.shape[-1]), z.reshape(-1, z.shape[-1])
-        return (g @ b), (z2.T @ g2).T  # this order reads g row by row: ~3x faster on CPU
+        return (g @ b), z2.T @ g2  # this order reads g row by row: ~3x faster on CPU
 
     def first_grads(self, dz: torch.Tensor, x: torch.Tensor, a: torch.Tensor, input: bool):
         dz2 = dz.reshape(-1, dz.shape[-1])
@@ -85,10 +85,10 @@ class ConvRankPath:
         b = rm[0].view(k, self.kw, -1).permute(2, 1, 0).reshape(-1, self.kw * k)
         return a, b
 
-    def kernel_grads(self, d_a: torch.Tensor, d_b: torch.Tensor):
+    def kernel_grads(self, d_a: torch.Tensor, d_bt: torch.Tensor):
         k = self.rank
         d_lm = d_a.view(self.kh, k, -1).transpose(1, 2).reshape(1, -1, k)
-        d_rm = d_b.T.reshape(self.kw, k, -1).transpose(0, 1).reshape(1, k, -1)
+        d_rm = d_bt.view(self.kw, k, -1).transpose(0, 1).reshape(1, k, -1)
         return d_lm, d_rm
 
     def _row_slices(self, h_out: int):
@@ -127,12 +127,12 @@ class ConvRankPath:
         n, o, h_out, w_out = g.shape
         g3 = g.contiguous().view(n, o, h_out * w_out)
         shifted = self._shifted(z, w_out)
-        d_b = torch.matmul(shifted, g3.transpose(1, 2)).sum(0).T
+        d_bt = torch.matmul(shifted, g3.transpose(1, 2)).sum(0)
         d_shifted = torch.matmul(b.T, g3).view(n, self.kw, self.rank, h_out, w_out)
         dz = torch.zeros_like(z)
         for i, c in enumerate(self._col_slices(w_out)):
             dz[..., c] += d_shifted[:, i]
-        return dz, d_b
+        return dz, d_bt
 
     def first_grads(self, dz: torch.Tensor, x: torch.Tensor, a: torch.Tensor, input: bool):
         n, c, h, w = x.shape

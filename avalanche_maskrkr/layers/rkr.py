@@ -119,10 +119,14 @@ class RKRLayer(TaskAdaptedLayer):
         first = self.tasks[self.first_task]
         return deps + [*first.parameters(), *first.buffers()]
 
+    def _masks_product(self, task: int) -> bool:
+        """Whether ``task`` has one mask on the full product R (``placement="product"``)."""
+        return "r" in self.tasks[str(task)]._modules
+
     def factors(self, task: int):
         """(LM, RM, F, product mask or None) of ``task``, masks applied."""
         own, shared = self.tasks[str(task)], self.tasks[self.first_task]
-        if hasattr(own, "r"):
+        if self._masks_product(task):
             return shared.lm, shared.rm, _masked_or_real(own.f, shared.f), own.r
         return (_masked_or_real(own.lm, shared.lm), _masked_or_real(own.rm, shared.rm),
                 _masked_or_real(own.f, shared.f), None)
@@ -182,7 +186,7 @@ class RKRLayer(TaskAdaptedLayer):
         * Conv2d: fold when the output has at least as many positions as W has entries
           per output channel (the rank path's shifts are cheaper than that model says).
         """
-        if not self.can_fuse or hasattr(self.tasks[str(task)], "r"):
+        if not self.can_fuse or self._masks_product(task):
             return "autograd"
         if self.path != "auto":
             return self.path
@@ -203,7 +207,7 @@ class RKRLayer(TaskAdaptedLayer):
         lm, rm, f, _ = self.factors(task)
         found, dtype = self.zero_scales, compute_dtype(x, self.base.weight)
         small = found[2] if found is not None and found[:2] == (task, dtype) else None
-        return rectified(self, x, lm, rm, f, path == "fold", small)
+        return rectified(self, x, lm, rm, f, path == "fold", dtype, small)
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, n_split={self.n_split}, mask_rg={self.mask_rg}, "
