@@ -15,7 +15,7 @@ from torch import nn
 from avalanche_maskrkr import convert
 from avalanche_maskrkr.accounting import create_backbone
 from avalanche_maskrkr.layers import PiggybackLayer, RKRLayer, TaskAdaptedLayer, TaskContext
-from avalanche_maskrkr.layers.functional import near_zero
+from avalanche_maskrkr.layers.functional import ConvOp, LinearOp, _channel_dot, near_zero
 
 MODELS = {
     "vit": (lambda: create_backbone("vit_tiny_patch16_224", 3, img_size=32, depth=2), 32),
@@ -384,3 +384,32 @@ def test_near_zero_scales_are_found_once_per_network_forward(method):
         net.backbone(x).sum().backward()
         net.context.task = None
     assert counter.calls == len(layers)
+
+
+class _CountMul(torch.overrides.TorchFunctionMode):
+    """Counts the elementwise products (``*`` and ``torch.mul``) inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("shape", [(700, 96), (3, 8, 20, 20)])
+def test_scale_gradient_sums_in_blocks_on_cpu_and_in_one_product_elsewhere(shape):
+    """sum(g * y) over all but the channel axis: on CPU in cache-sized blocks, equal to
+    the plain sum; on any other device (here "meta", as a GPU would) in one product, not
+    two kernel launches per block."""
+    op = LinearOp() if len(shape) == 2 else ConvOp()
+    g, y = torch.randn(shape), torch.randn(shape)
+    with _CountMul() as cpu:
+        blocked = _channel_dot(op, g, y, chunk=4096)
+    expected = (g * y).sum(0) if len(shape) == 2 else (g * y).sum((0, 2, 3))
+    torch.testing.assert_close(blocked, expected, rtol=1e-5, atol=1e-5)
+    assert cpu.calls > 2
+    with _CountMul() as other:
+        out = _channel_dot(op, g.to("meta"), y.to("meta"), chunk=4096)
+    assert other.calls == 1 and out.shape == expected.shape

@@ -136,9 +136,12 @@ def _take_channels(op, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _channel_dot(op, g: torch.Tensor, y: torch.Tensor, chunk: int = 2 ** 17) -> torch.Tensor:
-    """sum(g * y) over every axis but the channel axis, in blocks of about ``chunk``
-    entries: no temporary larger than a block, and each block's product is summed while
-    it is still in cache."""
+    """sum(g * y) over every axis but the channel axis. On CPU in blocks of about
+    ``chunk`` entries: no temporary larger than a block, and each block's product is
+    summed while it is still in cache. Elsewhere in one product: on a GPU each block
+    would cost two kernel launches (hundreds per layer at large batches)."""
+    if g.device.type != "cpu":
+        return _channel_sum(op, g * y)
     rows = g.reshape(-1, g.shape[-1]) if op.channel_dim == -1 else g
     other = y.reshape(rows.shape)
     step = max(1, chunk // math.prod(rows.shape[1:]))
