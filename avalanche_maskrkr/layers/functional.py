@@ -98,10 +98,10 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def near_zero(f: torch.Tensor) -> torch.Tensor:
-    """Bool (out,): the scales F too small to divide by in their dtype. For those channels
-    dL/dF comes from the pre-scale output instead of sum(g * y) / F."""
-    return f.abs() < torch.finfo(f.dtype).tiny ** 0.5
+def near_zero(f: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Bool (out,): the scales F too small to divide by in ``dtype`` (F's own by default).
+    For those channels dL/dF comes from the pre-scale output instead of sum(g * y) / F."""
+    return f.abs() < torch.finfo(dtype or f.dtype).tiny ** 0.5
 
 
 def make_op(base: nn.Linear | nn.Conv2d) -> LinearOp | ConvOp | None:
@@ -199,13 +199,12 @@ class _Rectified(torch.autograd.Function):
             # dL/dx = (g F) W + dL/dz A: the one pass for g F serves every product
             gf = g * _channels(op, fc, g.dim())
             dz, d_bt = path.second_grads(gf, z, b)
-            dx_rank, d_a = path.first_grads(dz, xc, a, True)
             dx, _ = op.grads(gf, xc, layer.base.weight.to(ctx.dtype), True, False)
-            dx += dx_rank
+            d_a = path.first_grads(dz, xc, a, dx)
         else:  # F goes on B and on dL/dB, small tensors, instead of a pass over g
             dz, d_bt = path.second_grads(g, z, b * _rows(fc, b))
             d_bt.mul_(fc)
-            _, d_a = path.first_grads(dz, xc, a, False)
+            d_a = path.first_grads(dz, xc, a)
             if ctx.needs_input_grad[0]:
                 w_eff = _rectified_weight(layer, lm, rm, f, ctx.dtype)
                 dx, _ = op.grads(g, xc, w_eff, True, False)

@@ -7,8 +7,9 @@ than that on CPU backends). A path gives:
 
 * ``kernels(lm, rm) -> (A, B)`` and the inverse map of gradients ``kernel_grads``;
 * ``first(x, A) -> z`` (K channels per part), ``add_second(y, z, B)`` (y += B z in place);
-* ``second_grads(g, z, B) -> (dL/dz, dL/dB^T)`` and ``first_grads(dz, x, A, input) ->
-  (dL/dx or None, dL/dA)`` for the output gradient g.
+* ``second_grads(g, z, B) -> (dL/dz, dL/dB^T)`` and ``first_grads(dz, x, A, dx=None) ->
+  dL/dA`` for the output gradient g; ``first_grads`` adds the path's dL/dx to ``dx`` in
+  place when given.
 
 Linear (``n_split`` parts, e.g. q, k, v of a fused qkv): A (s*K, in) stacks the parts'
 LM^T, B (out, s*K) is block-diagonal in the parts' RM^T.
@@ -64,9 +65,12 @@ class LinearRankPath:
         g2, z2 = g.reshape(-1, g.shape[-1]), z.reshape(-1, z.shape[-1])
         return (g @ b), z2.T @ g2  # this order reads g row by row: ~3x faster on CPU
 
-    def first_grads(self, dz: torch.Tensor, x: torch.Tensor, a: torch.Tensor, input: bool):
+    def first_grads(self, dz: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
+                    dx: torch.Tensor | None = None) -> torch.Tensor:
         dz2 = dz.reshape(-1, dz.shape[-1])
-        return (dz @ a if input else None), dz2.T @ x.reshape(-1, x.shape[-1])
+        if dx is not None:
+            dx.view(-1, dx.shape[-1]).addmm_(dz2, a)
+        return dz2.T @ x.reshape(-1, x.shape[-1])
 
 
 class ConvRankPath:
@@ -134,7 +138,8 @@ class ConvRankPath:
             dz[..., c] += d_shifted[:, i]
         return dz, d_bt
 
-    def first_grads(self, dz: torch.Tensor, x: torch.Tensor, a: torch.Tensor, input: bool):
+    def first_grads(self, dz: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
+                    dx: torch.Tensor | None = None) -> torch.Tensor:
         n, c, h, w = x.shape
         k = self.rank
         d_maps = dz.new_zeros(n, self.kh * k, h + 2 * self.ph, w + 2 * self.pw)
@@ -142,8 +147,9 @@ class ConvRankPath:
             d_maps[:, i * k:(i + 1) * k, r] += dz
         d_maps = d_maps[:, :, self.ph:self.ph + h, self.pw:self.pw + w].reshape(n, -1, h * w)
         d_a = torch.matmul(d_maps, x.contiguous().view(n, c, h * w).transpose(1, 2)).sum(0)
-        dx = torch.matmul(a.T, d_maps).view(n, c, h, w) if input else None
-        return dx, d_a
+        if dx is not None:  # any memory layout (channels-last included)
+            dx += torch.matmul(a.T, d_maps).view(n, c, h, w)
+        return d_a
 
 
 def make_rank_path(base: nn.Linear | nn.Conv2d, rank: int, n_split: int):

@@ -123,13 +123,17 @@ class RKRLayer(TaskAdaptedLayer):
         """Whether ``task`` has one mask on the full product R (``placement="product"``)."""
         return "r" in self.tasks[str(task)]._modules
 
+    def scale(self, task: int) -> torch.Tensor:
+        """F of ``task``, its mask applied."""
+        return _masked_or_real(self.tasks[str(task)].f, self.tasks[self.first_task].f)
+
     def factors(self, task: int):
         """(LM, RM, F, product mask or None) of ``task``, masks applied."""
         own, shared = self.tasks[str(task)], self.tasks[self.first_task]
         if self._masks_product(task):
-            return shared.lm, shared.rm, _masked_or_real(own.f, shared.f), own.r
+            return shared.lm, shared.rm, self.scale(task), own.r
         return (_masked_or_real(own.lm, shared.lm), _masked_or_real(own.rm, shared.rm),
-                _masked_or_real(own.f, shared.f), None)
+                self.scale(task), None)
 
     # -- the computation -------------------------------------------------------------
     def rectification(self, lm: torch.Tensor, rm: torch.Tensor) -> torch.Tensor:
@@ -223,18 +227,24 @@ def zero_scales_found(layers: list[RKRLayer], task: int) -> Iterator[None]:
     A layer that finds them itself does so in every training forward, a host sync per
     layer on GPU and a graph break under ``torch.compile``; this costs one sync per
     network forward where no F is near zero (RKR), two where some are (Mask-RKR's masked
-    scales). Outside the block (or in another dtype) each layer finds them itself.
+    scales), and one comparison over all layers' scales together. Where the layers
+    compute in several dtypes, the largest of their limits is used for all: a channel
+    taken as near zero is still exact, it only takes the slower pre-scale path. Outside
+    the block (or in another dtype) each layer finds them itself.
     """
     with torch.no_grad():
         layers = [layer for layer in layers if layer.has_task(task)]
-        scales = [layer.factors(task)[2] for layer in layers]
+        scales = [layer.scale(task) for layer in layers]
         dtypes = [compute_dtype(f, layer.base.weight) for f, layer in zip(scales, layers)]
-        flags = [near_zero(f.to(dtype)) for f, dtype in zip(scales, dtypes)]
-        found = torch.cat(flags).nonzero().flatten() if flags else None
+        found = None
+        if layers:
+            limit = max(set(dtypes), key=lambda dtype: torch.finfo(dtype).tiny)
+            flat = torch.cat([f.to(dtype) for f, dtype in zip(scales, dtypes)])
+            found = near_zero(flat, limit).nonzero().flatten()
         if found is not None and len(found):
-            ends = list(itertools.accumulate(len(f) for f in flags))
+            ends = list(itertools.accumulate(len(f) for f in scales))
             owner = torch.bucketize(found, torch.tensor(ends, device=found.device), right=True)
-            parts = found.split(owner.bincount(minlength=len(flags)).tolist())
+            parts = found.split(owner.bincount(minlength=len(scales)).tolist())
             found = [part - start for part, start in zip(parts, [0, *ends[:-1]])]
         else:
             found = [found] * len(layers)
