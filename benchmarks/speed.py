@@ -90,10 +90,13 @@ class Setup:
 
 
 def build_setup(base: nn.Module, method: str, device: torch.device, batch: int,
-                channels_last: bool, compile: bool = False) -> Setup:
+                channels_last: bool, compile: bool = False,
+                foreach: bool | None = None) -> Setup:
     """``method`` ("ft", CONTROL, FLOOR or one of METHODS) over a copy of ``base``, ready
-    to train; with ``compile``, its inner network (the timm model, or a method network's
-    backbone) is compiled with ``torch.compile``'s default backend."""
+    to train with Adam (``foreach`` as torch.optim.Adam takes it: None picks the
+    multi-tensor implementation on CUDA only); with ``compile``, its inner network (the
+    timm model, or a method network's backbone) is compiled with ``torch.compile``'s
+    default backend."""
     model, task = copy.deepcopy(base), None
     if method in ("ft", CONTROL):
         model.requires_grad_(True)
@@ -123,7 +126,7 @@ def build_setup(base: nn.Module, method: str, device: torch.device, batch: int,
         model.to(memory_format=torch.channels_last)
     if compile:
         getattr(model, "backbone", model).compile()
-    return Setup(model, forward, torch.optim.Adam(params, lr=1e-4), task)
+    return Setup(model, forward, torch.optim.Adam(params, lr=1e-4, foreach=foreach), task)
 
 
 def _sync(device: torch.device) -> None:
