@@ -24,6 +24,8 @@ contiguous for the rank path).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -116,7 +118,7 @@ class ConvRankPath:
         maps = torch.matmul(a, x.contiguous().view(n, c, h * w)).view(n, -1, h, w)
         maps = F.pad(maps, (self.pw, self.pw, self.ph, self.ph))
         rows = self._row_slices(self.out_size(h, w)[0])
-        return sum(maps[:, i * k:(i + 1) * k, r] for i, r in enumerate(rows))
+        return functools.reduce(torch.add, (maps[:, i * k:(i + 1) * k, r] for i, r in enumerate(rows)))
 
     def _shifted(self, z: torch.Tensor, w_out: int) -> torch.Tensor:
         """z -> its k_w horizontally shifted copies, (N, k_w*K, H_out * W_out)."""
@@ -135,7 +137,7 @@ class ConvRankPath:
         d_shifted = torch.matmul(b.T, g3).view(n, self.kw, self.rank, h_out, w_out)
         dz = torch.zeros_like(z)
         for i, c in enumerate(self._col_slices(w_out)):
-            dz[..., c] += d_shifted[:, i]
+            dz[..., c].add_(d_shifted[:, i])  # in place: `+=` on an index also copies back
         return dz, d_bt
 
     def first_grads(self, dz: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
@@ -144,7 +146,7 @@ class ConvRankPath:
         k = self.rank
         d_maps = dz.new_zeros(n, self.kh * k, h + 2 * self.ph, w + 2 * self.pw)
         for i, r in enumerate(self._row_slices(dz.shape[2])):
-            d_maps[:, i * k:(i + 1) * k, r] += dz
+            d_maps[:, i * k:(i + 1) * k, r].add_(dz)
         d_maps = d_maps[:, :, self.ph:self.ph + h, self.pw:self.pw + w].reshape(n, -1, h * w)
         d_a = torch.matmul(d_maps, x.contiguous().view(n, c, h * w).transpose(1, 2)).sum(0)
         if dx is not None:  # any memory layout (channels-last included)
