@@ -164,7 +164,7 @@ class _Rectified(torch.autograd.Function):
             bias = None if base.bias is None else cast(base.bias, dtype)
             if small is None:  # a host sync on GPU, a graph break under torch.compile
                 small = near_zero(fc).nonzero().flatten()
-            a, b = path.kernels(lmc, rmc)
+            a, bt = path.kernels(lmc, rmc)
             z, u_small = path.first(xc, a), None
             if fold:
                 if len(small):
@@ -176,17 +176,17 @@ class _Rectified(torch.autograd.Function):
                 y = op(xc, w_eff, None if bias is None else fc * bias)
             else:
                 y = op(xc, base.weight.to(dtype), bias)
-                path.add_second(y, z, b)
+                path.add_second(y, z, bt)
                 if len(small):
                     u_small = _take_channels(op, y, small)
                 y.mul_(_channels(op, fc, y.dim()))
         ctx.layer, ctx.fold, ctx.dtype = layer, fold, dtype
-        ctx.save_for_backward(xc, y, lm, rm, f, a, b, fc, z, small, u_small)
+        ctx.save_for_backward(xc, y, lm, rm, f, a, bt, fc, z, small, u_small)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        xc, y, lm, rm, f, a, b, fc, z, small, u_small = ctx.saved_tensors
+        xc, y, lm, rm, f, a, bt, fc, z, small, u_small = ctx.saved_tensors
         layer = ctx.layer
         op, path = layer.op, layer.rank_path
         g = g.to(ctx.dtype)
@@ -198,18 +198,18 @@ class _Rectified(torch.autograd.Function):
         if ctx.needs_input_grad[0] and not ctx.fold:
             # dL/dx = (g F) W + dL/dz A: the one pass for g F serves every product
             gf = g * _channels(op, fc, g.dim())
-            dz, d_bt = path.second_grads(gf, z, b)
+            dz, d_bt = path.second_grads(gf, z, bt)
             dx, _ = op.grads(gf, xc, layer.base.weight.to(ctx.dtype), True, False)
             d_a = path.first_grads(dz, xc, a, dx)
-        else:  # F goes on B and on dL/dB, small tensors, instead of a pass over g
-            dz, d_bt = path.second_grads(g, z, b * _rows(fc, b))
+        else:  # F goes on B^T and on dL/dB^T, small tensors, instead of a pass over g
+            dz, d_bt = path.second_grads(g, z, bt * fc)
             d_bt.mul_(fc)
             d_a = path.first_grads(dz, xc, a)
             if ctx.needs_input_grad[0]:
                 w_eff = _rectified_weight(layer, lm, rm, f, ctx.dtype)
                 dx, _ = op.grads(g, xc, w_eff, True, False)
         d_lm, d_rm = path.kernel_grads(d_a, d_bt)
-        return dx, d_lm, d_rm, df, None, None, None, None  # autograd casts each to its input's dtype
+        return dx, d_lm, d_rm, df, None, None, None, None  # autograd casts each to its dtype
 
 
 def rectified(layer, x: torch.Tensor, lm: torch.Tensor, rm: torch.Tensor, f: torch.Tensor,

@@ -5,14 +5,21 @@ B. Both stages and their gradients are written as matmuls over the channel axis,
 read each activation once (thin convolutions with K output channels are far slower
 than that on CPU backends). A path gives:
 
-* ``kernels(lm, rm) -> (A, B)`` and the inverse map of gradients ``kernel_grads``;
-* ``first(x, A) -> z`` (K channels per part), ``add_second(y, z, B)`` (y += B z in place);
-* ``second_grads(g, z, B) -> (dL/dz, dL/dB^T)`` and ``first_grads(dz, x, A, dx=None) ->
-  dL/dA`` for the output gradient g; ``first_grads`` adds the path's dL/dx to ``dx`` in
-  place when given.
+* ``kernels(lm, rm) -> (A, B^T)`` and the inverse map of gradients ``kernel_grads``;
+* ``first(x, A) -> z`` (K channels per part), ``add_second(y, z, B^T)`` (y += B z in
+  place);
+* ``second_grads(g, z, B^T) -> (dL/dz, dL/dB^T)`` and ``first_grads(dz, x, A, dx=None)
+  -> dL/dA`` for the output gradient g; ``first_grads`` adds the path's dL/dx to ``dx``
+  in place when given.
+
+A and B^T are contiguous with the rank axis first, and every thin product is computed
+with the rank axis as its leading (row) axis: on CPU, (K x n) @ (n x P) runs several
+times faster than the same product written as (P x n) @ (n x K) (see
+benchmarks/RESULTS.md).
 
 Linear (``n_split`` parts, e.g. q, k, v of a fused qkv): A (s*K, in) stacks the parts'
-LM^T, B (out, s*K) is block-diagonal in the parts' RM^T.
+LM^T, B^T (s*K, out) is block-diagonal in the parts' RM; z is kept transposed, z^T
+(s*K, P) over the P positions, and so is dL/dz.
 
 Conv2d, with the factor layout of :mod:`.rkr` (R is a sum of K separable kernels):
 A (k_h*K, in) maps the input to k_h*K maps, one per kernel row a; z sums them shifted by
@@ -39,13 +46,10 @@ class LinearRankPath:
         self.part = base.out_features // n_split
 
     def kernels(self, lm: torch.Tensor, rm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """LM (s, in, K), RM (s, K, out/s) -> A (s*K, in), B (out, s*K).
-
-        B is the transpose of a contiguous (s*K, out) tensor: g @ B over an output
-        gradient g (P, out) then reads g row by row (see benchmarks/RESULTS.md)."""
+        """LM (s, in, K), RM (s, K, out/s) -> A (s*K, in), B^T (s*K, out), contiguous."""
         s, n_in, k = lm.shape
-        b = rm[0].T if s == 1 else torch.block_diag(*rm).T
-        return lm.transpose(1, 2).reshape(s * k, n_in), b
+        bt = rm[0] if s == 1 else torch.block_diag(*rm)
+        return lm.transpose(1, 2).reshape(s * k, n_in).contiguous(), bt
 
     def kernel_grads(self, d_a: torch.Tensor, d_bt: torch.Tensor):
         """(dL/dA, dL/dB^T) -> (dL/dLM, dL/dRM): the diagonal blocks of dL/dB."""
@@ -55,24 +59,22 @@ class LinearRankPath:
         return d_lm, blocks.permute(2, 0, 1)
 
     def first(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """x (..., in) -> z (..., s*K), stored transposed: the order every use reads fastest."""
-        x2 = x.reshape(-1, x.shape[-1])
-        return (a @ x2.T).T.view(*x.shape[:-1], a.shape[0])
+        """x (..., in) -> z^T = A x^T, (s*K, P)."""
+        return a @ x.reshape(-1, x.shape[-1]).T
 
-    def add_second(self, y: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> None:
-        y2 = y.view(-1, y.shape[-1])
-        y2.addmm_(z.reshape(-1, z.shape[-1]), b.T)
+    def add_second(self, y: torch.Tensor, zt: torch.Tensor, bt: torch.Tensor) -> None:
+        y.view(-1, y.shape[-1]).addmm_(zt.T, bt)
 
-    def second_grads(self, g: torch.Tensor, z: torch.Tensor, b: torch.Tensor):
-        g2, z2 = g.reshape(-1, g.shape[-1]), z.reshape(-1, z.shape[-1])
-        return (g @ b), z2.T @ g2  # this order reads g row by row: ~3x faster on CPU
+    def second_grads(self, g: torch.Tensor, zt: torch.Tensor, bt: torch.Tensor):
+        """-> ((dL/dz)^T (s*K, P), dL/dB^T (s*K, out))."""
+        g2 = g.reshape(-1, g.shape[-1])
+        return bt @ g2.T, zt @ g2
 
-    def first_grads(self, dz: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
+    def first_grads(self, dzt: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
                     dx: torch.Tensor | None = None) -> torch.Tensor:
-        dz2 = dz.reshape(-1, dz.shape[-1])
         if dx is not None:
-            dx.view(-1, dx.shape[-1]).addmm_(dz2, a)
-        return dz2.T @ x.reshape(-1, x.shape[-1])
+            dx.view(-1, dx.shape[-1]).addmm_(dzt.T, a)
+        return dzt @ x.reshape(-1, x.shape[-1])
 
 
 class ConvRankPath:
@@ -85,11 +87,11 @@ class ConvRankPath:
 
     def kernels(self, lm: torch.Tensor, rm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """LM (1, k_h*in, K) rows (a, i), RM (1, K, k_w*out) columns (b, o) ->
-        A (k_h*K, in) rows (a, r), B (out, k_w*K) columns (b, r)."""
+        A (k_h*K, in) rows (a, r), B^T (k_w*K, out) rows (b, r), contiguous."""
         k = self.rank
         a = lm[0].view(self.kh, -1, k).transpose(1, 2).reshape(self.kh * k, -1)
-        b = rm[0].view(k, self.kw, -1).permute(2, 1, 0).reshape(-1, self.kw * k)
-        return a, b
+        bt = rm[0].view(k, self.kw, -1).transpose(0, 1).reshape(self.kw * k, -1)
+        return a.contiguous(), bt.contiguous()
 
     def kernel_grads(self, d_a: torch.Tensor, d_bt: torch.Tensor):
         k = self.rank
@@ -118,23 +120,24 @@ class ConvRankPath:
         maps = torch.matmul(a, x.contiguous().view(n, c, h * w)).view(n, -1, h, w)
         maps = F.pad(maps, (self.pw, self.pw, self.ph, self.ph))
         rows = self._row_slices(self.out_size(h, w)[0])
-        return functools.reduce(torch.add, (maps[:, i * k:(i + 1) * k, r] for i, r in enumerate(rows)))
+        shifted_rows = (maps[:, i * k:(i + 1) * k, r] for i, r in enumerate(rows))
+        return functools.reduce(torch.add, shifted_rows)
 
     def _shifted(self, z: torch.Tensor, w_out: int) -> torch.Tensor:
         """z -> its k_w horizontally shifted copies, (N, k_w*K, H_out * W_out)."""
         n = z.shape[0]
         return torch.cat([z[..., c] for c in self._col_slices(w_out)], 1).view(n, -1, z.shape[2] * w_out)
 
-    def add_second(self, y: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> None:
+    def add_second(self, y: torch.Tensor, z: torch.Tensor, bt: torch.Tensor) -> None:
         n, o, h_out, w_out = y.shape
-        y.view(n, o, h_out * w_out).baddbmm_(b.expand(n, *b.shape), self._shifted(z, w_out))
+        y.view(n, o, h_out * w_out).baddbmm_(bt.T.expand(n, o, -1), self._shifted(z, w_out))
 
-    def second_grads(self, g: torch.Tensor, z: torch.Tensor, b: torch.Tensor):
+    def second_grads(self, g: torch.Tensor, z: torch.Tensor, bt: torch.Tensor):
         n, o, h_out, w_out = g.shape
         g3 = g.contiguous().view(n, o, h_out * w_out)
         shifted = self._shifted(z, w_out)
         d_bt = torch.matmul(shifted, g3.transpose(1, 2)).sum(0)
-        d_shifted = torch.matmul(b.T, g3).view(n, self.kw, self.rank, h_out, w_out)
+        d_shifted = torch.matmul(bt, g3).view(n, self.kw, self.rank, h_out, w_out)
         dz = torch.zeros_like(z)
         for i, c in enumerate(self._col_slices(w_out)):
             dz[..., c].add_(d_shifted[:, i])  # in place: `+=` on an index also copies back
