@@ -386,15 +386,16 @@ def test_near_zero_scales_are_found_once_per_network_forward(method):
     assert counter.calls == len(layers)
 
 
-class _CountMul(torch.overrides.TorchFunctionMode):
-    """Counts the elementwise products (``*`` and ``torch.mul``) inside the block."""
+class _CountProducts(torch.overrides.TorchFunctionMode):
+    """Counts the elementwise products (``*``, ``torch.mul``, ``addcmul_``) in the block."""
 
     def __init__(self):
         super().__init__()
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls += func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__)
+        self.calls += func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__,
+                               torch.Tensor.addcmul_)
         return func(*args, **(kwargs or {}))
 
 
@@ -405,11 +406,11 @@ def test_scale_gradient_sums_in_blocks_on_cpu_and_in_one_product_elsewhere(shape
     two kernel launches per block."""
     op = LinearOp() if len(shape) == 2 else ConvOp()
     g, y = torch.randn(shape), torch.randn(shape)
-    with _CountMul() as cpu:
+    with _CountProducts() as cpu:
         blocked = _channel_dot(op, g, y, chunk=4096)
     expected = (g * y).sum(0) if len(shape) == 2 else (g * y).sum((0, 2, 3))
     torch.testing.assert_close(blocked, expected, rtol=1e-5, atol=1e-5)
     assert cpu.calls > 2
-    with _CountMul() as other:
+    with _CountProducts() as other:
         out = _channel_dot(op, g.to("meta"), y.to("meta"), chunk=4096)
     assert other.calls == 1 and out.shape == expected.shape

@@ -137,19 +137,23 @@ def _take_channels(op, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _channel_dot(op, g: torch.Tensor, y: torch.Tensor, chunk: int = 2 ** 17) -> torch.Tensor:
     """sum(g * y) over every axis but the channel axis. On CPU in blocks of about
-    ``chunk`` entries: no temporary larger than a block, and each block's product is
-    summed while it is still in cache. Elsewhere in one product: on a GPU each block
-    would cost two kernel launches (hundreds per layer at large batches)."""
+    ``chunk`` entries along the first axis: the products of every full block are
+    accumulated into the first block's (``addcmul_``, one op per block, no temporary
+    beyond one block, each block read while the accumulator is in cache). Elsewhere in
+    one product: on a GPU each block would cost a kernel launch (hundreds per layer at
+    large batches)."""
     if g.device.type != "cpu":
         return _channel_sum(op, g * y)
     rows = g.reshape(-1, g.shape[-1]) if op.channel_dim == -1 else g
     other = y.reshape(rows.shape)
-    step = max(1, chunk // math.prod(rows.shape[1:]))
-    if step >= len(rows):
-        return _channel_sum(op, rows * other)
-    total = _channel_sum(op, rows[:step] * other[:step])
-    for start in range(step, len(rows), step):
-        total += _channel_sum(op, rows[start:start + step] * other[start:start + step])
+    n, step = len(rows), max(1, chunk // math.prod(rows.shape[1:]))
+    total, end = rows[:step] * other[:step], step
+    while end + step <= n:
+        total.addcmul_(rows[end:end + step], other[end:end + step])
+        end += step
+    total = _channel_sum(op, total)
+    if end < n:
+        total += _channel_sum(op, rows[end:] * other[end:])
     return total
 
 
