@@ -55,14 +55,14 @@ def test_rkr_linear_matches_hand_computation():
     layer = _rkr(base, rank=2)
     own = layer.tasks["0"]
     lm, rm, f = own.lm[0], own.rm[0], own.f  # (in, K), (K, out), (out,)
-    x = torch.randn(3, 5)
+    x = torch.randn(5, 5)
     # y = F * ((W + R) x + b) with R^T = LM RM (paper layout: in x K times K x out)
     expected = f * (x @ (base.weight.T + lm @ rm) + base.bias)
     for out in _all_paths(layer, x):
         torch.testing.assert_close(out, expected)
-    # the auto path folds when P * (2 * out + in) >= out * in (here 4 * 5 = 20)
-    assert layer.training_path(x, 0) == "fold"  # 3 * 13 = 39
-    assert layer.training_path(x[:1], 0) == "activations"  # 1 * 13 = 13
+    # the auto path folds when P * (3 * out + in) >= 4 * out * in (here 4 * 4 * 5 = 80)
+    assert layer.training_path(x, 0) == "fold"  # 5 * 17 = 85
+    assert layer.training_path(x[:4], 0) == "activations"  # 4 * 17 = 68
 
 
 def _hand_conv_rectification(lm, rm, out_ch, in_ch, kh, kw):

@@ -185,8 +185,13 @@ class RKRLayer(TaskAdaptedLayer):
         ``self.path`` ("auto" by default) may force "fold" or "activations". Auto folds
         when the fold's passes over the weight cost no more than the passes the rank-K
         path adds over the activations (measured crossovers in benchmarks/RESULTS.md):
-        * Linear, P positions: about two passes over the output and one over the input
-          against one over W: fold when P * (2 * out + in) >= out * in;
+        * Linear, P positions: the fold writes F * (W + R) in forward and again in
+          backward (a scaled copy of W, then a rank-K update in place: about eight
+          reads and writes of a weight-sized tensor per step); the activation path adds
+          R x into the output and scales it by F in forward, and in backward forms g * F
+          and adds its rank-K term into dL/dx (about six reads and writes of an
+          output-sized tensor, two of an input-sized one): fold when
+          P * (3 * out + in) >= 4 * out * in;
         * Conv2d: fold when the output has at least as many positions as W has entries
           per output channel (the rank path's shifts are cheaper than that model says).
         """
@@ -201,7 +206,7 @@ class RKRLayer(TaskAdaptedLayer):
             fold = n * h_out * w_out >= weight[0].numel()
         else:
             out, n_in = weight.shape
-            fold = (x.numel() // n_in) * (2 * out + n_in) >= out * n_in
+            fold = (x.numel() // n_in) * (3 * out + n_in) >= 4 * out * n_in
         return "fold" if fold else "activations"
 
     def forward_train(self, x: torch.Tensor, task: int) -> torch.Tensor:
