@@ -13,8 +13,8 @@ than that on CPU backends). A path gives:
   in place when given.
 
 A and B^T are contiguous with the rank axis first, and every thin product is computed
-with the rank axis as its leading (row) axis: on CPU, (K x n) @ (n x P) runs several
-times faster than the same product written as (P x n) @ (n x K) (see
+with the rank axis as its leading (row) axis: on CPU, (K x n) @ (n x P) runs about
+twice as fast as the same product written as (P x n) @ (n x K) (measured in
 benchmarks/RESULTS.md).
 
 Linear (``n_split`` parts, e.g. q, k, v of a fused qkv): A (s*K, in) stacks the parts'
