@@ -129,11 +129,10 @@ class RKRLayer(TaskAdaptedLayer):
 
     def factors(self, task: int):
         """(LM, RM, F, product mask or None) of ``task``, masks applied."""
-        own, shared = self.tasks[str(task)], self.tasks[self.first_task]
+        own, shared, f = self.tasks[str(task)], self.tasks[self.first_task], self.scale(task)
         if self._masks_product(task):
-            return shared.lm, shared.rm, self.scale(task), own.r
-        return (_masked_or_real(own.lm, shared.lm), _masked_or_real(own.rm, shared.rm),
-                self.scale(task), None)
+            return shared.lm, shared.rm, f, own.r
+        return _masked_or_real(own.lm, shared.lm), _masked_or_real(own.rm, shared.rm), f, None
 
     # -- the computation -------------------------------------------------------------
     def rectification(self, lm: torch.Tensor, rm: torch.Tensor) -> torch.Tensor:
