@@ -305,8 +305,7 @@ def describe_machine(device: torch.device) -> str:
 def markdown(rows: list[dict]) -> str:
     head = ("| backbone | img | batch | method | train ms | train vs ft | train img/s | "
             "eval ms | eval vs plain | eval vs plain copies | eval img/s | fold cache reused | "
-            "peak MiB | "
-            "memory vs ft |")
+            "peak MiB | memory vs ft |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         memory = (f"{r['peak_mib']:.0f} | {r['memory_ratio']:.2f}x"
