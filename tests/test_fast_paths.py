@@ -403,7 +403,7 @@ class _CountProducts(torch.overrides.TorchFunctionMode):
 def test_scale_gradient_sums_in_blocks_on_cpu_and_in_one_product_elsewhere(shape):
     """sum(g * y) over all but the channel axis: on CPU in cache-sized blocks, equal to
     the plain sum; on any other device (here "meta", as a GPU would) in one product, not
-    two kernel launches per block."""
+    a kernel launch per block."""
     op = LinearOp() if len(shape) == 2 else ConvOp()
     g, y = torch.randn(shape), torch.randn(shape)
     with _CountProducts() as cpu:
