@@ -182,7 +182,7 @@ def ratios(times: dict[str, list[float]], *references: str) -> dict[str, float]:
 
 def fold_snapshot(net: nn.Module) -> list[int]:
     """Identity of every cached folded weight of ``net`` (empty for a plain model)."""
-    return [id(m._fold_cache[2][0]) for m in net.modules()
+    return [id(m._fold_cache[3][0]) for m in net.modules()
             if isinstance(m, TaskAdaptedLayer) and m._fold_cache is not None]
 
 

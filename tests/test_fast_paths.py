@@ -139,6 +139,16 @@ def test_folded_eval_is_cached_equal_and_follows_optimizer_steps(model_name, met
     assert folds["n"] == n_layers  # every layer refolded after the step
     assert not torch.allclose(stepped, first)
     torch.testing.assert_close(stepped, expected, rtol=1e-5, atol=1e-6)
+    # an in-place change in eval mode (no train() to clear the caches) is seen too
+    with torch.no_grad():
+        for p in net.trainable_parameters([task]):
+            p.mul_(0.5).add_(0.01)
+    expected, _ = _loss_and_grads(net, task, x, simple=True)
+    folds["n"] = 0
+    with torch.no_grad():
+        changed = net.forward_single_task(x, task)
+    assert folds["n"] == n_layers
+    torch.testing.assert_close(changed, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("model_name", list(MODELS))

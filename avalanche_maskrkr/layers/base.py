@@ -169,22 +169,24 @@ class TaskAdaptedLayer(TaskModule):
     def folded(self, task: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The effective (weight, bias) of ``task``, computed once and cached.
 
-        The cache holds (task, [(tensor, version) for each dependency], result): a hit
-        only compares version counters, the cheap check on every evaluation forward,
-        skipped when the network has made it for all layers (``context.folds_checked``;
-        version counters cannot be traced by ``torch.compile``).
+        The cache holds (task, dependencies, their version counters, result): a hit only
+        compares version counters, the cheap check on every evaluation forward, skipped
+        when the network has made it for all layers (``context.folds_checked``; version
+        counters cannot be traced by ``torch.compile``).
         """
         cache = self._fold_cache
         if cache is not None and cache[0] == task and (
                 self.context.folds_checked or not self._fold_is_stale()):
-            return cache[2]
-        versions = [(t, t._version) for t in self.fold_dependencies(task)]
+            return cache[3]
+        tensors = list({id(t): t for t in self.fold_dependencies(task)}.values())
+        versions = [t._version for t in tensors]
         with torch.no_grad():
-            self._fold_cache = (task, versions, self.effective(task))
-        return self._fold_cache[2]
+            self._fold_cache = (task, tensors, versions, self.effective(task))
+        return self._fold_cache[3]
 
     def _fold_is_stale(self) -> bool:
-        return any(t._version != v for t, v in self._fold_cache[1])
+        _, tensors, versions, _ = self._fold_cache
+        return [t._version for t in tensors] != versions
 
     def drop_stale_fold(self) -> None:
         """Drop the cached fold if a tensor it was folded from has changed since."""
@@ -206,7 +208,10 @@ class TaskAdaptedLayer(TaskModule):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        task = self.context.task
+        context, cache = self.context, self._fold_cache
+        if context.folds_checked and cache is not None and cache[0] == context.task:
+            return self.base_op(x, *cache[3])  # evaluation with a checked fold: the hot path
+        task = context.task
         if task is None or not self.has_task(task):
             return self.base(x)
         if self.needs_grad(task):
