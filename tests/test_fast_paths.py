@@ -8,9 +8,13 @@ evaluation weights) must give the same outputs and the same gradients for every 
 parameter, and the fold cache must follow optimizer steps.
 """
 
+import ctypes
+import ctypes.util
+
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from avalanche_maskrkr import convert
 from avalanche_maskrkr.accounting import create_backbone
@@ -289,6 +293,69 @@ def test_piggyback_fused_path_equals_plain_autograd_and_keeps_no_masked_weight(k
     for fast, slow in zip(grads, expected):
         torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
     assert sorted(t.numel() for t in saved) == sorted([x.numel(), mask.scores.numel()])
+
+
+class _HeapPeak(TorchDispatchMode):
+    """Bytes malloc has handed out (glibc's ``mallinfo2``), sampled after every aten op
+    run in the block, forward and backward; ``peak`` is the most, above the start."""
+
+    class _Info(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+
+    def __init__(self):
+        super().__init__()
+        self.libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        self.libc.mallinfo2.restype = self._Info
+        self.start = self.peak = 0
+
+    def in_use(self) -> int:
+        info = self.libc.mallinfo2()
+        return info.uordblks + info.hblkhd  # heap chunks in use + mmapped chunks
+
+    def __enter__(self):
+        self.start = self.in_use()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, self.in_use() - self.start)
+        return out
+
+
+def _has_mallinfo2() -> bool:
+    name = ctypes.util.find_library("c")
+    return name is not None and hasattr(ctypes.CDLL(name), "mallinfo2")
+
+
+@pytest.mark.skipif(not _has_mallinfo2(), reason="needs glibc's mallinfo2")
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_piggyback_training_needs_no_more_memory_than_fine_tuning(kind):
+    """Two training steps of one layer, from the built layer: Piggyback holds one
+    weight-sized tensor at a time (the masked weight, then dL/dS) where fine-tuning holds
+    dL/dW (and, for a Linear, its transposed copy), so its peak is at most fine-tuning's:
+    no work buffer is kept across layers or steps."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Linear(1024, 1024) if kind == "linear" else nn.Conv2d(128, 128, 3, padding=1)
+    x = torch.randn((8, 1024) if kind == "linear" else (2, 128, 4, 4))
+    tuned = build()
+    layer = PiggybackLayer(build().requires_grad_(False), TaskContext())
+    layer.add_task(0)
+    layer.context.task = 0
+    peaks = []
+    for params, forward in (([tuned.weight, tuned.bias], tuned),
+                            ([layer.tasks["0"].mask.scores], lambda x: layer(x))):
+        with _HeapPeak() as heap:
+            for _ in range(2):
+                for p in params:
+                    p.grad = None
+                forward(x).sum().backward()
+        peaks.append(heap.peak)
+    weight_bytes = tuned.weight.numel() * 4
+    assert peaks[0] >= weight_bytes  # fine-tuning's dL/dW is seen
+    assert peaks[1] <= peaks[0] + weight_bytes // 16
 
 
 @pytest.mark.parametrize("path", ["fold", "activations"])

@@ -11,9 +11,11 @@ asked for. Built on them:
   the output), else it runs the base op and adds R x (:mod:`.rank_path`) in place.
   Backward computes dL/dx like the frozen base (through the folded weight, or through W
   and the rank-K path), the factors' gradients from the rank-K path's thin activations
-  z = A x (computed in forward on both paths), and never a weight gradient of W. Like the
-  masked weight below, the fold is written into a work buffer in forward and again in
-  backward rather than kept per layer. It saves the output y rather than the pre-scale
+  z = A x (computed in forward on both paths), and never a weight gradient of W. The
+  fold is written into a work buffer of the network's :class:`~.base.TaskContext`, shared
+  by every layer, in forward and again in backward rather than kept per layer (RKR's
+  training memory is far below fine-tuning's, so the buffer costs nothing that
+  counts). It saves the output y rather than the pre-scale
   output u (which autograd would keep for dL/dF): dL/dF = sum(g * y) / F, with u kept
   only for the channels whose |F| is too small to divide by (found for the whole network
   at once by :func:`~.rkr.zero_scales_found` when it runs the layer). The output is
@@ -21,8 +23,8 @@ asked for. Built on them:
 * :func:`masked` (Piggyback): y = (W * M) x + b with M = 1[S > threshold] and the
   straight-through estimator dL/dS = dL/d(W * M) * W. It saves x and S, not the masked
   weight: backward recomputes W * M instead of keeping a weight-sized copy per layer
-  alive, so training memory stays that of fine-tuning. W * M is written into a work
-  buffer of the network's :class:`~.base.TaskContext`, reused by every layer.
+  alive, and allocates dL/dS only once W * M is no longer needed, so its peak training
+  memory is at most fine-tuning's: :func:`_masked_weight` says where W * M is written.
 
 Both run their math in the autocast dtype when autocast is on (as ``F.linear`` would);
 autograd casts each gradient they return to its input's dtype. The frozen base must not
@@ -259,17 +261,29 @@ def _rectified_weight(layer, lm: torch.Tensor, rm: torch.Tensor, f: torch.Tensor
 
 def _masked_weight(layer, scores: torch.Tensor, threshold: float,
                    dtype: torch.dtype) -> torch.Tensor:
-    """W * 1[S > threshold] in ``dtype``, written into the context's work buffers.
+    """W * 1[S > threshold] in ``dtype``, computed as the comparison's 0/1 written
+    straight into a float tensor and multiplied by W in place (on CPU much faster than
+    ``torch.where`` over a bool tensor, see benchmarks/RESULTS.md).
 
-    The comparison writes its 0/1 result straight into the float buffer, which is then
-    multiplied by W in place: on CPU much faster than ``torch.where`` over a bool tensor
-    (see benchmarks/RESULTS.md).
+    Where it is written depends on the op, so that Piggyback's peak memory stays within
+    fine-tuning's at the speed of reusing memory:
+    * Linear: into a work buffer of the context that every layer reuses. On CPU a new
+      weight-sized tensor per call costs page faults that slow ViT steps measurably,
+      and fine-tuning's Linear backward holds dL/dW twice (the product and its
+      transposed copy in the weight's layout), which leaves room for the buffer.
+    * Conv2d: into a new tensor, which the caller drops as soon as its op has run.
+      Fine-tuning's convolution backward holds dL/dW once, so a buffer kept through the
+      step would add the largest layer's weight to the peak (ResNet-18's peak heap in
+      ``benchmarks/speed.py``), and there the new tensors cost no measurable time.
     """
     weight = layer.base.weight
     if torch.compiler.is_compiling():  # a compiler fuses this itself, into its own memory
         return torch.where(scores > threshold, weight, 0).to(dtype)
-    out = torch.gt(scores, threshold, out=_weight_scratch(layer, "masked_weight", scores.dtype))
-    return _in_dtype(layer, "masked_weight", out.mul_(weight), dtype)
+    if isinstance(layer.op, LinearOp):
+        out = torch.gt(scores, threshold,
+                       out=_weight_scratch(layer, "masked_weight", scores.dtype))
+        return _in_dtype(layer, "masked_weight", out.mul_(weight), dtype)
+    return torch.gt(scores, threshold, out=torch.empty_like(scores)).mul_(weight).to(dtype)
 
 
 class _Masked(torch.autograd.Function):
@@ -281,8 +295,8 @@ class _Masked(torch.autograd.Function):
         dtype = compute_dtype(x, base.weight)
         with autocast_off(x):
             xc = cast(x, dtype)
-            w_eff = _masked_weight(layer, scores, threshold, dtype)
-            y = layer.op(xc, w_eff, None if base.bias is None else cast(base.bias, dtype))
+            y = layer.op(xc, _masked_weight(layer, scores, threshold, dtype),
+                         None if base.bias is None else cast(base.bias, dtype))
         ctx.layer, ctx.threshold, ctx.dtype = layer, threshold, dtype
         ctx.save_for_backward(xc, scores)
         return y
@@ -290,11 +304,14 @@ class _Masked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         xc, scores = ctx.saved_tensors
-        layer = ctx.layer
-        w_eff = _masked_weight(layer, scores, ctx.threshold, ctx.dtype)
-        dx, dw = layer.op.grads(g.to(ctx.dtype), xc, w_eff, ctx.needs_input_grad[0], True)
-        d_scores = dw.to(scores.dtype).mul_(layer.base.weight)
-        return dx, d_scores, None, None  # autograd casts dx to x's dtype
+        op, weight, g = ctx.layer.op, ctx.layer.base.weight, g.to(ctx.dtype)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx, _ = op.grads(g, xc, _masked_weight(ctx.layer, scores, ctx.threshold, ctx.dtype),
+                             True, False)
+        # a new masked weight (Conv2d) is freed before dL/dS is allocated
+        _, dw = op.grads(g, xc, weight, False, True)
+        return dx, dw.to(scores.dtype).mul_(weight), None, None  # autograd casts dx
 
 
 def masked(layer, x: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
