@@ -26,7 +26,10 @@ same random weights and measured in one run:
   ``torch.cuda.max_memory_allocated`` above the allocation after building the model.
   CPU: the peak resident set size (``VmHWM`` in ``/proc/self/status``, reset through
   ``/proc/self/clear_refs`` after ``malloc_trim``) above the resident size after building
-  the model, so it counts every allocation torch makes, including its CPU caches.
+  the model, so it counts every allocation torch makes, including its CPU caches; and
+  the peak heap in use above the built model (:class:`avalanche_maskrkr.heap.HeapPeak`,
+  sampled after every op), which does not depend on what the allocator returns to the
+  system and so is the same from run to run ("heap MiB", "heap vs ft").
 
 Timings alternate the configurations within each repeat, rotating their order; a
 ratio is computed within each repeat against the reference measured in that repeat,
@@ -49,6 +52,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +62,7 @@ from torch.nn import functional as F
 from avalanche_maskrkr.acceleration import autocast, to_channels_last
 from avalanche_maskrkr.accounting import create_backbone
 from avalanche_maskrkr.conversion import convert
+from avalanche_maskrkr.heap import HeapPeak, heap_peak_available
 from avalanche_maskrkr.layers import TaskAdaptedLayer
 
 METHODS = ("rkr", "piggyback", "mask-rkr")
@@ -203,8 +208,10 @@ def _reset_cpu_peak() -> int:
     return _rss_kib("VmRSS") * 1024
 
 
-def measure_peak_memory(args: argparse.Namespace, backbone: str, method: str) -> int:
-    """Peak bytes of two training steps above the built model (run in a fresh process)."""
+def measure_peak_memory(args: argparse.Namespace, backbone: str,
+                        method: str) -> tuple[int, int | None]:
+    """Peak bytes of two training steps above the built model (run in a fresh process):
+    (CUDA allocation or CPU resident set, CPU heap in use or None)."""
     device, batch = torch.device(args.device), batch_size(args, backbone)
     base, x, y = make_inputs(args, backbone, device)
     setup = build_setup(base, method, device, batch, args.channels_last, args.compile)
@@ -215,15 +222,19 @@ def measure_peak_memory(args: argparse.Namespace, backbone: str, method: str) ->
         before = torch.cuda.memory_allocated(device)
     else:
         before = _reset_cpu_peak()
-    for _ in range(2):
-        train_step(setup, x, y, args.precision)
+    heap = HeapPeak() if device.type == "cpu" and heap_peak_available() else nullcontext()
+    with heap:
+        for _ in range(2):
+            train_step(setup, x, y, args.precision)
+    heap_peak = heap.peak if isinstance(heap, HeapPeak) else None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    return _rss_kib("VmHWM") * 1024 - before
+        return torch.cuda.max_memory_allocated(device) - before, heap_peak
+    return _rss_kib("VmHWM") * 1024 - before, heap_peak
 
 
-def peak_memory_in_subprocess(args: argparse.Namespace, backbone: str, method: str) -> int:
+def peak_memory_in_subprocess(args: argparse.Namespace, backbone: str,
+                              method: str) -> tuple[int, int | None]:
     command = [sys.executable, __file__, "--memory-probe", f"{backbone}:{method}",
                "--device", args.device, "--precision", args.precision,
                "--threads", str(args.threads)]
@@ -236,7 +247,8 @@ def peak_memory_in_subprocess(args: argparse.Namespace, backbone: str, method: s
     if args.compile:
         command.append("--compile")
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return int(out.strip().splitlines()[-1])
+    peak, heap = out.strip().splitlines()[-1].split()
+    return int(peak), None if heap == "None" else int(heap)
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -290,8 +302,11 @@ def benchmark(args: argparse.Namespace, backbone: str) -> list[dict]:
             "eval_ms": 1e3 * t_eval, "eval_ratio": eval_ratio[n],
             "eval_ratio_plain_copies": eval_pooled[n], "eval_img_s": len(x) / t_eval,
             "fold_cache_reused": fold_snapshot(setups[n].model) == folds[n],
-            "peak_mib": memory[n] / 2 ** 20 if n in memory else None,
-            "memory_ratio": memory[n] / memory["ft"] if n in memory else None})
+            "peak_mib": memory[n][0] / 2 ** 20 if n in memory else None,
+            "memory_ratio": memory[n][0] / memory["ft"][0] if n in memory else None,
+            "heap_mib": memory[n][1] / 2 ** 20 if n in memory and memory[n][1] else None,
+            "heap_ratio": (memory[n][1] / memory["ft"][1]
+                           if n in memory and memory[n][1] else None)})
     return rows
 
 
@@ -305,11 +320,13 @@ def describe_machine(device: torch.device) -> str:
 def markdown(rows: list[dict]) -> str:
     head = ("| backbone | img | batch | method | train ms | train vs ft | train img/s | "
             "eval ms | eval vs plain | eval vs plain copies | eval img/s | fold cache reused | "
-            "peak MiB | memory vs ft |")
+            "peak MiB | memory vs ft | heap MiB | heap vs ft |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         memory = (f"{r['peak_mib']:.0f} | {r['memory_ratio']:.2f}x"
                   if r["peak_mib"] is not None else "- | -")
+        memory += (f" | {r['heap_mib']:.0f} | {r['heap_ratio']:.3f}x"
+                   if r["heap_mib"] is not None else " | - | -")
         lines.append(
             f"| {r['backbone']} | {r['img']} | {r['batch']} | {r['method']} | "
             f"{r['train_ms']:.1f} | {r['train_ratio']:.2f}x | {r['train_img_s']:.1f} | "
@@ -358,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         config.recompile_limit = config.accumulated_recompile_limit = 256
     if args.memory_probe:
         backbone, method = args.memory_probe.split(":")
-        print(measure_peak_memory(args, backbone, method))
+        print(*measure_peak_memory(args, backbone, method))
         return
     device = torch.device(args.device)
     load = os.getloadavg()[0]

@@ -8,16 +8,13 @@ evaluation weights) must give the same outputs and the same gradients for every 
 parameter, and the fold cache must follow optimizer steps.
 """
 
-import ctypes
-import ctypes.util
-
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from avalanche_maskrkr import convert
 from avalanche_maskrkr.accounting import create_backbone
+from avalanche_maskrkr.heap import HeapPeak, heap_peak_available
 from avalanche_maskrkr.layers import PiggybackLayer, RKRLayer, TaskAdaptedLayer, TaskContext
 from avalanche_maskrkr.layers.functional import ConvOp, LinearOp, _channel_dot, near_zero
 
@@ -295,41 +292,18 @@ def test_piggyback_fused_path_equals_plain_autograd_and_keeps_no_masked_weight(k
     assert sorted(t.numel() for t in saved) == sorted([x.numel(), mask.scores.numel()])
 
 
-class _HeapPeak(TorchDispatchMode):
-    """Bytes malloc has handed out (glibc's ``mallinfo2``), sampled after every aten op
-    run in the block, forward and backward; ``peak`` is the most, above the start."""
-
-    class _Info(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-            "uordblks", "fordblks", "keepcost")]
-
-    def __init__(self):
-        super().__init__()
-        self.libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        self.libc.mallinfo2.restype = self._Info
-        self.start = self.peak = 0
-
-    def in_use(self) -> int:
-        info = self.libc.mallinfo2()
-        return info.uordblks + info.hblkhd  # heap chunks in use + mmapped chunks
-
-    def __enter__(self):
-        self.start = self.in_use()
-        return super().__enter__()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.peak = max(self.peak, self.in_use() - self.start)
-        return out
+@pytest.mark.skipif(not heap_peak_available(), reason="needs glibc's mallinfo2")
+def test_heap_peak_sees_a_temporary_freed_inside_the_block():
+    x = torch.randn(64)
+    with HeapPeak() as heap:
+        (x.repeat(2 ** 14) * 2).sum()  # two 4 MiB temporaries, both freed at once
+    assert 8 * 2 ** 20 <= heap.peak < 9 * 2 ** 20
+    with HeapPeak() as heap:
+        x.sum()
+    assert heap.peak < 2 ** 16
 
 
-def _has_mallinfo2() -> bool:
-    name = ctypes.util.find_library("c")
-    return name is not None and hasattr(ctypes.CDLL(name), "mallinfo2")
-
-
-@pytest.mark.skipif(not _has_mallinfo2(), reason="needs glibc's mallinfo2")
+@pytest.mark.skipif(not heap_peak_available(), reason="needs glibc's mallinfo2")
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_piggyback_training_needs_no_more_memory_than_fine_tuning(kind):
     """Two training steps of one layer, from the built layer: Piggyback holds one
@@ -347,7 +321,7 @@ def test_piggyback_training_needs_no_more_memory_than_fine_tuning(kind):
     peaks = []
     for params, forward in (([tuned.weight, tuned.bias], tuned),
                             ([layer.tasks["0"].mask.scores], lambda x: layer(x))):
-        with _HeapPeak() as heap:
+        with HeapPeak() as heap:
             for _ in range(2):
                 for p in params:
                     p.grad = None
