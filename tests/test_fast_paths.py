@@ -308,16 +308,18 @@ def test_heap_peak_sees_a_temporary_freed_inside_the_block():
 def test_piggyback_training_needs_no_more_memory_than_fine_tuning(kind):
     """Two training steps of one layer, from the built layer: Piggyback holds one
     weight-sized tensor at a time (the masked weight, then dL/dS) where fine-tuning holds
-    dL/dW (and, for a Linear, its transposed copy), so its peak is at most fine-tuning's:
-    no work buffer is kept across layers or steps."""
+    dL/dW, so its peak is at most fine-tuning's: no work buffer is kept across layers or
+    steps."""
     def build():
         torch.manual_seed(0)
-        return nn.Linear(1024, 1024) if kind == "linear" else nn.Conv2d(128, 128, 3, padding=1)
-    x = torch.randn((8, 1024) if kind == "linear" else (2, 128, 4, 4))
+        return nn.Linear(1024, 1024) if kind == "linear" else nn.Conv2d(256, 256, 3, padding=1)
+    x = torch.randn((8, 1024) if kind == "linear" else (2, 256, 4, 4))
     tuned = build()
     layer = PiggybackLayer(build().requires_grad_(False), TaskContext())
     layer.add_task(0)
     layer.context.task = 0
+    tuned(x).sum().backward()  # the GEMM library's cached workspace: outside the count
+    tuned.zero_grad(set_to_none=True)
     peaks = []
     for params, forward in (([tuned.weight, tuned.bias], tuned),
                             ([layer.tasks["0"].mask.scores], lambda x: layer(x))):
@@ -329,7 +331,7 @@ def test_piggyback_training_needs_no_more_memory_than_fine_tuning(kind):
         peaks.append(heap.peak)
     weight_bytes = tuned.weight.numel() * 4
     assert peaks[0] >= weight_bytes  # fine-tuning's dL/dW is seen
-    assert peaks[1] <= peaks[0] + weight_bytes // 16
+    assert peaks[1] <= peaks[0] + weight_bytes // 16  # a kept buffer would add weight_bytes
 
 
 @pytest.mark.parametrize("path", ["fold", "activations"])

@@ -23,8 +23,10 @@ asked for. Built on them:
 * :func:`masked` (Piggyback): y = (W * M) x + b with M = 1[S > threshold] and the
   straight-through estimator dL/dS = dL/d(W * M) * W. It saves x and S, not the masked
   weight: backward recomputes W * M instead of keeping a weight-sized copy per layer
-  alive, and allocates dL/dS only once W * M is no longer needed, so its peak training
-  memory is at most fine-tuning's: :func:`_masked_weight` says where W * M is written.
+  alive. W * M is a new tensor each time, dropped as soon as its op has run, and
+  backward allocates dL/dS only once it is gone: like fine-tuning, which holds dL/dW,
+  a layer holds one weight-sized tensor at a time, so Piggyback's peak training memory
+  is at most fine-tuning's.
 
 Both run their math in the autocast dtype when autocast is on (as ``F.linear`` would);
 autograd casts each gradient they return to its input's dtype. The frozen base must not
@@ -259,30 +261,20 @@ def _rectified_weight(layer, lm: torch.Tensor, rm: torch.Tensor, f: torch.Tensor
     return _in_dtype(layer, "rectified_weight", w_eff, dtype)
 
 
-def _masked_weight(layer, scores: torch.Tensor, threshold: float,
+def _masked_weight(scores: torch.Tensor, weight: torch.Tensor, threshold: float,
                    dtype: torch.dtype) -> torch.Tensor:
-    """W * 1[S > threshold] in ``dtype``, computed as the comparison's 0/1 written
-    straight into a float tensor and multiplied by W in place (on CPU much faster than
-    ``torch.where`` over a bool tensor, see benchmarks/RESULTS.md).
+    """W * 1[S > threshold] in ``dtype``: a new tensor, which the caller drops as soon as
+    its op has run.
 
-    Where it is written depends on the op, so that Piggyback's peak memory stays within
-    fine-tuning's at the speed of reusing memory:
-    * Linear: into a work buffer of the context that every layer reuses. On CPU a new
-      weight-sized tensor per call costs page faults that slow ViT steps measurably,
-      and fine-tuning's Linear backward holds dL/dW twice (the product and its
-      transposed copy in the weight's layout), which leaves room for the buffer.
-    * Conv2d: into a new tensor, which the caller drops as soon as its op has run.
-      Fine-tuning's convolution backward holds dL/dW once, so a buffer kept through the
-      step would add the largest layer's weight to the peak (ResNet-18's peak heap in
-      ``benchmarks/speed.py``), and there the new tensors cost no measurable time.
+    The comparison writes its 0/1 result straight into a float tensor, which is then
+    multiplied by W in place: on CPU much faster than ``torch.where`` over a bool tensor
+    (see benchmarks/RESULTS.md). It is not written into a work buffer kept across layers:
+    such a buffer stays alive through the whole step and adds the largest layer's
+    weight to the peak, above fine-tuning's (the "heap vs ft" column of
+    ``benchmarks/speed.py``). On CPU the new tensors can cost page faults instead.
     """
-    weight = layer.base.weight
-    if torch.compiler.is_compiling():  # a compiler fuses this itself, into its own memory
+    if torch.compiler.is_compiling():  # a compiler fuses this itself
         return torch.where(scores > threshold, weight, 0).to(dtype)
-    if isinstance(layer.op, LinearOp):
-        out = torch.gt(scores, threshold,
-                       out=_weight_scratch(layer, "masked_weight", scores.dtype))
-        return _in_dtype(layer, "masked_weight", out.mul_(weight), dtype)
     return torch.gt(scores, threshold, out=torch.empty_like(scores)).mul_(weight).to(dtype)
 
 
@@ -295,7 +287,7 @@ class _Masked(torch.autograd.Function):
         dtype = compute_dtype(x, base.weight)
         with autocast_off(x):
             xc = cast(x, dtype)
-            y = layer.op(xc, _masked_weight(layer, scores, threshold, dtype),
+            y = layer.op(xc, _masked_weight(scores, base.weight, threshold, dtype),
                          None if base.bias is None else cast(base.bias, dtype))
         ctx.layer, ctx.threshold, ctx.dtype = layer, threshold, dtype
         ctx.save_for_backward(xc, scores)
@@ -307,9 +299,10 @@ class _Masked(torch.autograd.Function):
         op, weight, g = ctx.layer.op, ctx.layer.base.weight, g.to(ctx.dtype)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx, _ = op.grads(g, xc, _masked_weight(ctx.layer, scores, ctx.threshold, ctx.dtype),
+            dx, _ = op.grads(g, xc, _masked_weight(scores, weight, ctx.threshold, ctx.dtype),
                              True, False)
-        # a new masked weight (Conv2d) is freed before dL/dS is allocated
+        # the masked weight is freed before dL/dS is allocated: like fine-tuning, which
+        # holds dL/dW, the layer holds one weight-sized tensor at a time
         _, dw = op.grads(g, xc, weight, False, True)
         return dx, dw.to(scores.dtype).mul_(weight), None, None  # autograd casts dx
 
