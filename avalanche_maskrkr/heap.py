@@ -6,6 +6,9 @@ and everything else the process allocates), sampled after every aten op run in t
 block, forward and backward. Unlike the peak resident set size it does not depend on
 what the allocator returns to the system, so two runs of the same code give the same
 figure. Sampling costs a Python call per op: use it to measure, not to train.
+``mallinfo2`` counts the main thread's heap and every thread's mmapped chunks, not the
+heaps glibc gives other threads: run the block with one torch thread
+(``torch.set_num_threads(1)``) for a complete figure.
 """
 from __future__ import annotations
 

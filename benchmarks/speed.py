@@ -29,7 +29,8 @@ same random weights and measured in one run:
   the model, so it counts every allocation torch makes, including its CPU caches; and
   the peak heap in use above the built model (:class:`avalanche_maskrkr.heap.HeapPeak`,
   sampled after every op), which does not depend on what the allocator returns to the
-  system and so is the same from run to run ("heap MiB", "heap vs ft").
+  system and so is the same from run to run ("heap MiB", "heap vs ft"; complete with
+  ``--threads 1``, see :mod:`avalanche_maskrkr.heap`).
 
 Timings alternate the configurations within each repeat, rotating their order; a
 ratio is computed within each repeat against the reference measured in that repeat,
