@@ -296,6 +296,7 @@ def benchmark(args: argparse.Namespace, backbone: str) -> list[dict]:
     rows = []
     for n in names:
         t_train, t_eval = statistics.median(train[n]), statistics.median(evaluate[n])
+        peak, heap = memory.get(n, (None, None))
         rows.append({
             "backbone": backbone, "img": x.shape[-1], "batch": len(x), "method": n,
             "train_ms": 1e3 * t_train, "train_ratio": train_ratio[n],
@@ -303,11 +304,10 @@ def benchmark(args: argparse.Namespace, backbone: str) -> list[dict]:
             "eval_ms": 1e3 * t_eval, "eval_ratio": eval_ratio[n],
             "eval_ratio_plain_copies": eval_pooled[n], "eval_img_s": len(x) / t_eval,
             "fold_cache_reused": fold_snapshot(setups[n].model) == folds[n],
-            "peak_mib": memory[n][0] / 2 ** 20 if n in memory else None,
-            "memory_ratio": memory[n][0] / memory["ft"][0] if n in memory else None,
-            "heap_mib": memory[n][1] / 2 ** 20 if n in memory and memory[n][1] else None,
-            "heap_ratio": (memory[n][1] / memory["ft"][1]
-                           if n in memory and memory[n][1] else None)})
+            "peak_mib": peak / 2 ** 20 if peak is not None else None,
+            "memory_ratio": peak / memory["ft"][0] if peak is not None else None,
+            "heap_mib": heap / 2 ** 20 if heap is not None else None,
+            "heap_ratio": heap / memory["ft"][1] if heap is not None else None})
     return rows
 
 

@@ -322,7 +322,7 @@ def test_piggyback_training_needs_no_more_memory_than_fine_tuning(kind):
     tuned.zero_grad(set_to_none=True)
     peaks = []
     for params, forward in (([tuned.weight, tuned.bias], tuned),
-                            ([layer.tasks["0"].mask.scores], lambda x: layer(x))):
+                            ([layer.tasks["0"].mask.scores], layer)):
         with HeapPeak() as heap:
             for _ in range(2):
                 for p in params:

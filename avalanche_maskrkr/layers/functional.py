@@ -14,12 +14,12 @@ asked for. Built on them:
   z = A x (computed in forward on both paths), and never a weight gradient of W. The
   fold is written into a work buffer of the network's :class:`~.base.TaskContext`, shared
   by every layer, in forward and again in backward rather than kept per layer (RKR's
-  training memory is far below fine-tuning's, so the buffer costs nothing that
-  counts). It saves the output y rather than the pre-scale
-  output u (which autograd would keep for dL/dF): dL/dF = sum(g * y) / F, with u kept
-  only for the channels whose |F| is too small to divide by (found for the whole network
-  at once by :func:`~.rkr.zero_scales_found` when it runs the layer). The output is
-  usually saved anyway by the next op (GELU, attention), so this costs no memory.
+  training memory is far below fine-tuning's, so the buffer costs nothing that counts).
+  It saves the output y rather than the pre-scale output u (which autograd would keep
+  for dL/dF): dL/dF = sum(g * y) / F, with u kept only for the channels whose |F| is too
+  small to divide by (found for the whole network at once by
+  :func:`~.rkr.zero_scales_found` when it runs the layer). The output is usually saved
+  anyway by the next op (GELU, attention), so this costs no memory.
 * :func:`masked` (Piggyback): y = (W * M) x + b with M = 1[S > threshold] and the
   straight-through estimator dL/dS = dL/d(W * M) * W. It saves x and S, not the masked
   weight: backward recomputes W * M instead of keeping a weight-sized copy per layer
