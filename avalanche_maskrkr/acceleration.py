@@ -26,7 +26,8 @@ eagerly, so compiling raises that limit and ``accumulated_recompile_limit``
 (process-wide settings) to at least the plugin's ``recompile_limit``. The fused training
 paths trace into one graph per compilation (no graph break): RKR's near-zero scales are
 found by the network before the backbone runs (:func:`~.layers.zero_scales_found`), and
-Piggyback's masked weight is left to the compiler instead of a reused buffer. Where
+RKR's fold and Piggyback's masked weight are left to the compiler's own memory
+planning instead of written into the network's work buffers or out= tensors. Where
 Mask-RKR's masks change how many scales are zero, Dynamo recompiles until it treats
 those sizes as dynamic.
 

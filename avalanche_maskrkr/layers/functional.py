@@ -233,17 +233,6 @@ def rectified(layer, x: torch.Tensor, lm: torch.Tensor, rm: torch.Tensor, f: tor
     return _Rectified.apply(x, lm, rm, f, layer, fold, dtype, small)
 
 
-def _weight_scratch(layer, slot: str, dtype: torch.dtype) -> torch.Tensor:
-    """A work buffer of the base weight's shape from the layer's context."""
-    weight = layer.base.weight
-    return layer.context.scratch(slot, weight.shape, dtype, weight.device)
-
-
-def _in_dtype(layer, slot: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` (weight-shaped) in ``dtype``, copied into a work buffer when it is not."""
-    return t if t.dtype == dtype else _weight_scratch(layer, slot, dtype).copy_(t)
-
-
 def _rectified_weight(layer, lm: torch.Tensor, rm: torch.Tensor, f: torch.Tensor | None,
                       dtype: torch.dtype) -> torch.Tensor:
     """F * (W + R), or W + R without ``f``, in ``dtype``, written into the context's work
@@ -256,9 +245,13 @@ def _rectified_weight(layer, lm: torch.Tensor, rm: torch.Tensor, f: torch.Tensor
     """
     if torch.compiler.is_compiling():  # a compiler plans its own memory
         return layer.rectified_weight(lm, rm, f).to(dtype)
-    w_eff = layer.rectified_weight(
-        lm, rm, f, out=_weight_scratch(layer, "rectified_weight", layer.base.weight.dtype))
-    return _in_dtype(layer, "rectified_weight", w_eff, dtype)
+    weight = layer.base.weight
+
+    def scratch(in_dtype: torch.dtype) -> torch.Tensor:
+        return layer.context.scratch("rectified_weight", weight.shape, in_dtype, weight.device)
+
+    w_eff = layer.rectified_weight(lm, rm, f, out=scratch(weight.dtype))
+    return w_eff if w_eff.dtype == dtype else scratch(dtype).copy_(w_eff)
 
 
 def _masked_weight(scores: torch.Tensor, weight: torch.Tensor, threshold: float,
