@@ -16,28 +16,14 @@ import math
 from collections.abc import Callable
 
 import pandas as pd
-import timm
 import torch
 from torch import nn
 
-from . import models  # noqa: F401  (registers resnet18_cifar)
 from .conversion import convert, find_classifier
+from .models import create_backbone
 from .network import TaskAwareNetwork
 
 ModelSpec = str | Callable[[], nn.Module]
-
-
-def create_backbone(name: str, num_classes: int, img_size: int | None = None,
-                    **kwargs) -> nn.Module:
-    """A timm model (or ``resnet18_cifar``) with random weights; ``img_size`` is passed
-    to models that take one (ViT, Swin) and ignored by the others (CNNs)."""
-    if img_size is not None:
-        try:
-            return timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
-        except TypeError as err:
-            if "img_size" not in str(err):
-                raise
-    return timm.create_model(name, num_classes=num_classes, **kwargs)
 
 
 def _factory(model: ModelSpec, classes_per_task: int,
@@ -77,10 +63,12 @@ def method_cost(net: TaskAwareNetwork) -> dict[str, float]:
             + task_params, "bytes_per_task": task_bytes / len(net.heads)}
 
 
-def _single_model(build: Callable[[], nn.Module]) -> tuple[int, int]:
-    """(parameters, bytes) of one single-task model: base + one head."""
-    model = build()
-    return _numel(model.parameters()), _nbytes(model.parameters())
+def single_model_size(model: ModelSpec, classes_per_task: int,
+                      img_size: int | None = None) -> tuple[int, int]:
+    """(parameters, bytes) of one single-task model: base + one head (the reference of
+    "+x%"). ``model``: a timm name (built on the meta device) or a model factory."""
+    params = list(_factory(model, classes_per_task, img_size)().parameters())
+    return _numel(params), _nbytes(params)
 
 
 def find_k_plus(model: ModelSpec, tasks: int, rank: int = 2, classes_per_task: int = 10,
@@ -117,7 +105,7 @@ def parameter_report(model: ModelSpec = "vit_base_patch16_224", img_size: int | 
     ``options`` are conversion options shared by the methods (e.g. ``split_qkv``).
     """
     build = _factory(model, classes_per_task, img_size)
-    single, single_bytes = _single_model(build)
+    single, single_bytes = single_model_size(build, classes_per_task)
     head = classes_per_task * (build().get_submodule(find_classifier(build())).in_features + 1)
     rows = [("single", None, tasks * single, single_bytes),
             ("multi-head", None, single + (tasks - 1) * head, head * 4)]

@@ -7,11 +7,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from typing import Any
 
+from . import runner
+from .acceleration import PRECISIONS
 from .accounting import parameter_report
+from .baselines import BaselineOptions
+from .benchmarks import BENCHMARK_DEFAULTS
+from .checkpoint import CheckpointError, WeightsError
+from .config import OPTIMIZERS, ConfigError, RunConfig
+from .layers import PLACEMENTS
+from .options import BN_POLICIES, METHODS
+from .registry import STRATEGIES, option_users
 
 REPORT_CSV_COLUMNS = ["method", "rank", "total_params", "overhead_pct"]
+CHOICES = {"bn_policy": BN_POLICIES, "mask_placement": PLACEMENTS}
 
 
 def _add_params_parser(subparsers) -> None:
@@ -45,14 +57,108 @@ def _params(args: argparse.Namespace) -> None:
     print(format_table(report))
 
 
-def _add_run_parser(subparsers) -> None:
-    from . import runner
+def _add_option_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "method and baseline options", "Default: each method's or baseline's own (shown); "
+        "see avalanche_maskrkr.options and avalanche_maskrkr.baselines.BaselineOptions.")
+    defaults = {f.name: f.default for cls in (*METHODS.values(), BaselineOptions)
+                for f in dataclasses.fields(cls)}
+    for name, default in defaults.items():
+        shown = "off; on without pretrained weights" if name == "train_base_first" else default
+        kwargs: dict[str, Any] = {"default": None, "dest": f"option_{name}",
+                                  "help": f"{', '.join(option_users(name))} (default: {shown})"}
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif name in CHOICES:
+            kwargs["choices"] = CHOICES[name]
+        else:
+            kwargs["type"] = type(default) if default is not None else str
+            kwargs["metavar"] = name.split("_")[-1].upper()
+        group.add_argument("--" + name.replace("_", "-"), **kwargs)
 
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``run`` command's options (one per :class:`~avalanche_maskrkr.config.RunConfig`
+    field)."""
+    d = RunConfig()
+    data = parser.add_argument_group("data and model")
+    data.add_argument("--benchmark", choices=sorted(BENCHMARK_DEFAULTS), default=d.benchmark)
+    data.add_argument("--data-root", metavar="DIR",
+                      help="dataset folder (cifar100: holds cifar-100-python; imagenet: "
+                           "train/ and val/; decathlon: the decathlon-1.0 folder)")
+    data.add_argument("--tasks", type=int, metavar="T",
+                      help="number of tasks (default: digits 5, cifar100 and imagenet 10; "
+                           "decathlon: its 5 domains)")
+    data.add_argument("--model", help="any timm model name, resnet18_cifar or simple_mlp "
+                      "(default: " + ", ".join(f"{b} {d.model}" for b, d in
+                                               BENCHMARK_DEFAULTS.items()) + ")")
+    data.add_argument("--img-size", type=int, metavar="S",
+                      help="input side (default: " + ", ".join(
+                          f"{b} {d.img_size}" for b, d in BENCHMARK_DEFAULTS.items()) + ")")
+    weights = data.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true",
+                         help="timm's pretrained weights (downloads)")
+    weights.add_argument("--weights", metavar="FILE", help="local .safetensors, .pth or "
+                         ".npz (timm's original ViT) weights; the classifier is skipped")
+    train = parser.add_argument_group("training")
+    train.add_argument("--strategies", default=",".join(d.strategies),
+                       help=f"comma-separated, from: {', '.join(STRATEGIES)}")
+    train.add_argument("--epochs", type=int, default=d.epochs, help="per experience")
+    train.add_argument("--batch-size", type=int, default=d.batch_size)
+    train.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=d.optimizer)
+    train.add_argument("--lr", type=float, help="one learning rate for every strategy "
+                       "(default: each strategy's, see avalanche_maskrkr.config.DEFAULT_LR)")
+    train.add_argument("--momentum", type=float, default=d.momentum, help="sgd only")
+    train.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    train.add_argument("--lr-decay-epochs", type=int, metavar="N",
+                       help="multiply the learning rate by 0.1 every N epochs")
+    train.add_argument("--workers", type=int, default=d.workers,
+                       help="data loader workers (default: half the CPU cores, at most 8, "
+                            "on CUDA, with pinned memory; 0 on CPU)")
+    train.add_argument("--threads", type=int, help="CPU threads of torch (default: digits 1, "
+                       "others torch's default)")
+    train.add_argument("--precision", choices=list(PRECISIONS), default=d.precision,
+                       help="autocast of forward and loss (AccelerationPlugin); other than "
+                            "fp32, a run checkpoints only at each strategy's end")
+    train.add_argument("--channels-last", action="store_true",
+                       help="channels-last layout of 4-d parameters and inputs (CNNs on GPU)")
+    train.add_argument("--device", help="default: cuda when available, else cpu")
+    train.add_argument("--seed", type=int, default=d.seed)
+    _add_option_arguments(parser)
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", metavar="DIR", help="default: results/<benchmark>-<model>")
+    output.add_argument("--restart", action="store_true",
+                        help="ignore and replace existing checkpoints")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The :class:`~avalanche_maskrkr.config.RunConfig` of parsed
+    :func:`add_run_arguments` options."""
+    values = vars(args)
+    options = {k.removeprefix("option_"): v for k, v in values.items()
+               if k.startswith("option_") and v is not None}
+    names = {f.name for f in dataclasses.fields(RunConfig)} - {"options", "strategies"}
+    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    return RunConfig(**{k: values[k] for k in names if k in values}, strategies=strategies,
+                     options=options)
+
+
+def _run(args: argparse.Namespace) -> None:
+    """:func:`~avalanche_maskrkr.runner.run` of the parsed options; settings, checkpoints,
+    weights files and data folders that do not work end it with a message, no traceback."""
+    try:
+        runner.run(config_from_args(args))
+    except (ConfigError, CheckpointError, WeightsError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from err
+
+
+def _add_run_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "run", help="run strategies over a benchmark (default: offline digits job)",
         description=runner.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    runner.add_arguments(parser)
-    parser.set_defaults(handler=runner.main)
+    add_run_arguments(parser)
+    parser.set_defaults(handler=_run)
 
 
 def main(argv: list[str] | None = None) -> None:

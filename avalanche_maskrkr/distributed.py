@@ -44,7 +44,7 @@ from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training.plugins import EvaluationPlugin
 from torch.nn.parallel import DistributedDataParallel
 
-from .accounting import create_backbone
+from .models import create_backbone
 from .benchmarks import split_digits
 from .export import export_task
 from .strategies import RKR, MaskRKR, MethodStrategy, Piggyback

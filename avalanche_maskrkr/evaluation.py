@@ -174,6 +174,7 @@ def make_evaluator(
     loggers: Iterable[BaseLogger] | None = None,
     extra_metrics: Iterable[PluginMetric] = (),
     verbose: bool = False,
+    resumable: bool = False,
 ) -> EvaluationPlugin:
     """Evaluation plugin logging the metrics listed in the module docstring.
 
@@ -182,24 +183,31 @@ def make_evaluator(
     :param extra_metrics: further plugin metrics appended to the default ones.
     :param verbose: add an ``InteractiveLogger`` (progress and values on
         stdout) unless one is already among ``loggers``.
+    :param resumable: only the metrics that keep no state from one experience
+        to the next (accuracy per experience, epoch times, peak memory), so
+        that the logged history is all a run resumed from a checkpoint needs;
+        stream accuracy, forgetting, BWT and the accuracy matrix are left out
+        (compute them from the accuracy matrix, see :mod:`.results`).
     """
     logger_list = list(loggers) if loggers is not None else []
     if verbose and not any(isinstance(lg, InteractiveLogger) for lg in logger_list):
         logger_list.append(InteractiveLogger())
     metrics = [
-        *accuracy_metrics(experience=True, stream=True),
-        *forgetting_metrics(experience=True, stream=True),
-        *bwt_metrics(experience=True, stream=True),
-        *accuracy_matrix_metrics(),
+        *accuracy_metrics(experience=True, stream=not resumable),
         *timing_metrics(epoch=True),
         PeakMemory(),
-        *extra_metrics,
     ]
+    if not resumable:
+        metrics += [
+            *forgetting_metrics(experience=True, stream=True),
+            *bwt_metrics(experience=True, stream=True),
+            *accuracy_matrix_metrics(),
+        ]
     with warnings.catch_warnings():
         # Avalanche warns when no logger is given, although it still collects
         # every value because collect_all is on.
         warnings.filterwarnings("ignore", message="No loggers specified")
-        return EvaluationPlugin(*metrics, loggers=logger_list, collect_all=True)
+        return EvaluationPlugin(*metrics, *extra_metrics, loggers=logger_list, collect_all=True)
 
 
 def _history(evaluator_or_metrics: EvaluationPlugin | MetricHistory) -> MetricHistory:

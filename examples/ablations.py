@@ -23,8 +23,8 @@ import sys
 
 from reproduce_cifar100 import write_miniature_cifar100
 
-from avalanche_maskrkr import runner
-from avalanche_maskrkr.runner import Variant
+from avalanche_maskrkr import paper
+from avalanche_maskrkr.config import Variant
 
 PAPER = {
     "mask none": (0.794, 0.843, 0.858),
@@ -44,9 +44,9 @@ ABLATIONS = [
 
 
 def main(argv: list[str] | None = None) -> None:
-    runner.reproduce_paper(argv, __doc__, "Mask-RKR ablations", PAPER, write_miniature_cifar100,
-                           variants=lambda config, scenario: ABLATIONS, name="ablations",
-                           benchmark="cifar100", model="resnet18_cifar")
+    paper.reproduce_paper(argv, __doc__, "Mask-RKR ablations", PAPER, write_miniature_cifar100,
+                          variants=lambda config, scenario: ABLATIONS, name="ablations",
+                          benchmark="cifar100", model="resnet18_cifar")
 
 
 if __name__ == "__main__":

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import sys
 
-from avalanche_maskrkr import runner
+from avalanche_maskrkr.example_cli import run_example, strategy_variants
 
 STRATEGIES = "rkr,piggyback,mask-rkr,naive,ewc,lwf,si,replay,packnet"
 
 
 def main(argv: list[str] | None = None) -> None:
-    runner.run_example(argv, __doc__, "compare", runner.strategy_variants,
-                       smoke={"model": "simple_mlp", "img_size": 8, "epochs": 2},
-                       model="simple_mlp", strategies=STRATEGIES)
+    run_example(argv, __doc__, "compare", strategy_variants,
+                smoke={"model": "simple_mlp", "img_size": 8, "epochs": 2},
+                model="simple_mlp", strategies=STRATEGIES)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from avalanche_maskrkr import runner
+from avalanche_maskrkr import paper
 
 PAPER = {
     "rkr": (0.794, 0.843, 0.858),
@@ -57,8 +57,8 @@ def write_miniature_cifar100(folder: Path, per_class: int = 2) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    runner.reproduce_paper(argv, __doc__, "Split CIFAR-100", PAPER, write_miniature_cifar100,
-                           benchmark="cifar100", model="resnet18_cifar")
+    paper.reproduce_paper(argv, __doc__, "Split CIFAR-100", PAPER, write_miniature_cifar100,
+                          benchmark="cifar100", model="resnet18_cifar")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from avalanche_maskrkr import runner
+from avalanche_maskrkr import paper
 from avalanche_maskrkr.benchmarks import decathlon_score
 from avalanche_maskrkr.benchmarks.decathlon import DEFAULT_DOMAINS
 
@@ -67,9 +67,9 @@ def write_miniature_decathlon(folder: Path, classes: int = 2, per_class: int = 2
 
 
 def main(argv: list[str] | None = None) -> None:
-    result = runner.reproduce_paper(argv, __doc__, "Visual Decathlon", PAPER,
-                                    write_miniature_decathlon, smoke={"tasks": None},
-                                    benchmark="decathlon", model="resnet18")
+    result = paper.reproduce_paper(argv, __doc__, "Visual Decathlon", PAPER,
+                                   write_miniature_decathlon, smoke={"tasks": None},
+                                   benchmark="decathlon", model="resnet18")
     print(f"Unlabelled rows of the paper's table: {UNLABELLED}.\n")
     print(f"Decathlon score of this run ({result.config.model}; 250 per domain at the "
           "fine-tuning reference, 1000 at zero error):")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from avalanche_maskrkr import runner
+from avalanche_maskrkr import paper
 
 PAPER = {
     "rkr": (0.545, 0.885, 0.892),
@@ -54,8 +54,8 @@ def write_miniature_imagenet(folder: Path, classes: int = 4, per_class: int = 2)
 
 
 def main(argv: list[str] | None = None) -> None:
-    runner.reproduce_paper(argv, __doc__, "ImageNet-1k", PAPER, write_miniature_imagenet,
-                           benchmark="imagenet", model="resnet18")
+    paper.reproduce_paper(argv, __doc__, "ImageNet-1k", PAPER, write_miniature_imagenet,
+                          benchmark="imagenet", model="resnet18")
 
 
 if __name__ == "__main__":

@@ -15,16 +15,17 @@ import torch
 from avalanche_maskrkr import cli, convert, runner
 from avalanche_maskrkr.accounting import method_cost
 from avalanche_maskrkr.checkpoint import WeightsError, load_weights
+from avalanche_maskrkr.config import RunConfig, Variant, resolve
 
 HEADER = "strategy,avg_accuracy,forgetting,total_params,overhead_pct,train_seconds"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAST = ["--epochs", "1", "--tasks", "2"]
 
 
-def parse(argv: list[str]) -> runner.RunConfig:
+def parse(argv: list[str]) -> RunConfig:
     parser = argparse.ArgumentParser()
-    runner.add_arguments(parser)
-    return runner.config_from_args(parser.parse_args(argv))
+    cli.add_run_arguments(parser)
+    return cli.config_from_args(parser.parse_args(argv))
 
 
 class Killed(Exception):
@@ -40,14 +41,14 @@ def kill_at(label: str, experience: int) -> runner.ExperienceHook:
 
 def test_no_arguments_is_the_default_job() -> None:
     config = parse([])
-    assert config == runner.RunConfig()
+    assert config == RunConfig()
     assert config.strategies == ("rkr", "piggyback", "mask-rkr", "naive", "single", "ewc", "lwf")
-    resolved = runner.resolve(config)
+    resolved = resolve(config)
     assert (resolved.benchmark, resolved.model, resolved.img_size, resolved.threads) == (
         "digits", "test_resnet", 8, 1)
     assert resolved.options["train_base_first"] is True
     assert resolved.out == "results/digits-test_resnet"
-    assert runner.resolve(parse(["--weights", "w.pth"])).options["train_base_first"] is False
+    assert resolve(parse(["--weights", "w.pth"])).options["train_base_first"] is False
     assert parse(["--rank", "4", "--no-mask-sfg"]).options == {"rank": 4, "mask_sfg": False}
 
 
@@ -148,7 +149,7 @@ def test_fitting_weights_load_except_the_classifier(tmp_path, suffix) -> None:
     path = tmp_path / f"weights{suffix}"
     source = timm.create_model("test_resnet", num_classes=1000)
     _save(source, path)
-    config = runner.resolve(parse(["--weights", str(path)]))
+    config = resolve(parse(["--weights", str(path)]))
     model = runner.build_backbone(config, num_classes=2)
     for name, tensor in model.state_dict().items():
         if not name.startswith("fc."):
@@ -183,11 +184,11 @@ def test_weights_that_do_not_fit_name_the_keys_and_shapes(tmp_path) -> None:
 
 def test_speed_options_reach_every_strategy_through_the_acceleration_plugin() -> None:
     from avalanche_maskrkr.acceleration import AccelerationPlugin
-    config = runner.resolve(parse(["--channels-last", "--precision", "bf16"]))
+    config = resolve(parse(["--channels-last", "--precision", "bf16"]))
     assert config.channels_last and config.precision == "bf16"
     for label in ("rkr", "naive"):
-        strategy = runner.build_strategy(config, runner.Variant(label, label), 2)
+        strategy = runner.build_strategy(config, Variant(label, label), 2)
         [plugin] = [p for p in strategy.plugins if isinstance(p, AccelerationPlugin)]
         assert plugin.channels_last and plugin.precision == "bf16"
-    plain = runner.build_strategy(runner.resolve(parse([])), runner.Variant("rkr", "rkr"), 2)
+    plain = runner.build_strategy(resolve(parse([])), Variant("rkr", "rkr"), 2)
     assert not any(isinstance(p, AccelerationPlugin) for p in plain.plugins)
