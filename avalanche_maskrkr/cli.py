@@ -15,7 +15,7 @@ from . import runner
 from .acceleration import PRECISIONS
 from .accounting import parameter_report
 from .baselines import BaselineOptions
-from .benchmarks import BENCHMARK_DEFAULTS
+from .benchmarks import BENCHMARK_DEFAULTS, DECATHLON_TEST_SPLITS
 from .checkpoint import CheckpointError, WeightsError
 from .config import OPTIMIZERS, ConfigError, RunConfig
 from .layers import PLACEMENTS
@@ -86,6 +86,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data-root", metavar="DIR",
                       help="dataset folder (cifar100: holds cifar-100-python; imagenet: "
                            "train/ and val/; decathlon: the decathlon-1.0 folder)")
+    data.add_argument("--decathlon-test-split", choices=DECATHLON_TEST_SPLITS,
+                      default=d.decathlon_test_split,
+                      help="what decathlon evaluates on: annotations/<domain>_val.json, or "
+                           "the labelled <domain>_test.json (released with the residual "
+                           "adapters code; the devkit's *_test_stripped.json has no labels)")
     data.add_argument("--tasks", type=int, metavar="T",
                       help="number of tasks (default: digits 5, cifar100 and imagenet 10; "
                            "decathlon: its 5 domains)")

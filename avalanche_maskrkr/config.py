@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .benchmarks import BENCHMARK_DEFAULTS
+from .benchmarks import BENCHMARK_DEFAULTS, DECATHLON_TEST_SPLITS
 from .options import METHODS, make_options
 from .registry import STRATEGIES, strategy_option_names
 
@@ -51,6 +51,7 @@ class RunConfig:
 
     benchmark: str = "digits"
     data_root: str | None = None
+    decathlon_test_split: str = "val"
     tasks: int | None = None
     model: str | None = None
     img_size: int | None = None
@@ -92,6 +93,9 @@ def resolve(config: RunConfig) -> RunConfig:
     if config.benchmark not in BENCHMARK_DEFAULTS:
         raise ConfigError(f"unknown benchmark {config.benchmark!r}; choose one of "
                           f"{sorted(BENCHMARK_DEFAULTS)}")
+    if config.decathlon_test_split not in DECATHLON_TEST_SPLITS:
+        raise ConfigError(f"decathlon_test_split must be one of {DECATHLON_TEST_SPLITS}, got "
+                          f"{config.decathlon_test_split!r}")
     if unknown := [s for s in config.strategies if s not in STRATEGIES]:
         raise ConfigError(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
     defaults = BENCHMARK_DEFAULTS[config.benchmark]

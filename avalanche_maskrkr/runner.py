@@ -87,7 +87,8 @@ def build_benchmark(config: RunConfig):
                 and timm.get_pretrained_cfg(config.model) is not None else None)
     try:
         return build_stream(config.benchmark, config.img_size, seed=config.seed,
-                            tasks=config.tasks, data_root=config.data_root, backbone=backbone)
+                            tasks=config.tasks, data_root=config.data_root, backbone=backbone,
+                            decathlon_test_split=config.decathlon_test_split)
     except ValueError as err:
         raise ConfigError(str(err)) from err
 

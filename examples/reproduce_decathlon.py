@@ -5,7 +5,9 @@ Rows: RKR (K=2), Piggyback, Mask-RKR (K=2), Mask-RKR (K+), Single and Multi-Head
 Piggyback's recipe (Adam, lr 1e-4, x0.1 after 15 epochs, 30 epochs, batch 32). Images
 follow the reference loader (resize 72, crop 64, per-domain normalisation); for a
 pretrained ViT or Swin pass --img-size 224 (its own normalisation is used). The val
-split is the test set. --data-root is the decathlon-1.0 folder (annotations/ and
+split is the test set; --decathlon-test-split test evaluates on the labelled test
+annotations <domain>_test.json instead (released with the residual adapters code; copy
+them into annotations/). --data-root is the decathlon-1.0 folder (annotations/ and
 data/<domain>/); nothing is downloaded except with --pretrained.
 
     python examples/reproduce_decathlon.py --data-root ~/decathlon-1.0 --model resnet18 \\
@@ -14,6 +16,8 @@ data/<domain>/); nothing is downloaded except with --pretrained.
         --model vit_base_patch16_224 --weights ~/weights/ViT-B_16.npz --device cuda
     python examples/reproduce_decathlon.py --data-root ~/decathlon-1.0 --img-size 224 \\
         --model swin_tiny_patch4_window7_224 --pretrained --device cuda
+    python examples/reproduce_decathlon.py --data-root ~/decathlon-1.0 --model resnet18 \\
+        --weights ~/weights/resnet18.safetensors --decathlon-test-split test --device cuda
 
 The paper's decathlon table is garbled (SPEC section 5): only its Single and Mask-RKR
 rows are labelled, so only those stand beside ours; the unlabelled rows are printed as a
@@ -41,15 +45,15 @@ UNLABELLED = ("0.714/0.791/0.840, 0.723/0.809/0.839 and 0.695/0.775/0.824 (the p
 
 
 def write_miniature_decathlon(folder: Path, classes: int = 2, per_class: int = 2) -> Path:
-    """``folder/decathlon-1.0`` with annotations/<d>_{train,val}.json (COCO-style, ids
-    offset per domain as in the real files) and random 72-px JPEGs, for every default
-    domain; returns the decathlon-1.0 folder."""
+    """``folder/decathlon-1.0`` with annotations/<d>_{train,val,test}.json (COCO-style,
+    ids offset per domain as in the real files) and random 72-px JPEGs, for every
+    default domain; returns the decathlon-1.0 folder."""
     root = folder / "decathlon-1.0"
     rng = np.random.default_rng(0)
     for index, domain in enumerate(DEFAULT_DOMAINS, start=1):
         categories = [{"id": index * 10**7 + k + 1, "name": f"{domain}{k}"}
                       for k in range(classes)]
-        for split in ("train", "val"):
+        for split in ("train", "val", "test"):
             images, annotations = [], []
             for n, label in enumerate([k for k in range(classes) for _ in range(per_class)]):
                 file_name = f"data/{domain}/{split}/{n + 1:06d}.jpg"

@@ -13,9 +13,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PAPER_ROWS = ["rkr", "piggyback", "mask-rkr", "mask-rkr-k+", "single", "multi-head"]
 
 
-def run_example(name: str, out: Path) -> None:
-    """``main(["--smoke", "--out", out])`` of ``examples/<name>.py``, on one CPU thread
-    (the smoke models are tiny: more threads only contend for shared cores)."""
+def run_example(name: str, out: Path, *argv: str) -> None:
+    """``main(["--smoke", "--out", out, *argv])`` of ``examples/<name>.py``, on one CPU
+    thread (the smoke models are tiny: more threads only contend for shared cores)."""
     sys.path.insert(0, str(EXAMPLES))  # ablations reuses reproduce_cifar100's data writer
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -23,7 +23,7 @@ def run_example(name: str, out: Path) -> None:
         spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        module.main(["--smoke", "--out", str(out)])
+        module.main(["--smoke", "--out", str(out), *argv])
     finally:
         torch.set_num_threads(threads)
         sys.path.remove(str(EXAMPLES))
@@ -33,11 +33,12 @@ def summary(folder: Path) -> pd.DataFrame:
     return pd.read_csv(folder / "summary.csv")
 
 
-@pytest.mark.parametrize("name, tasks, swin_single", [("reproduce_cifar100", 2, "0.8760"),
-                                                     ("reproduce_imagenet", 2, "0.9020"),
-                                                     ("reproduce_decathlon", 5, "0.8420")])
-def test_paper_reproductions(name, tasks, swin_single, tmp_path, capsys) -> None:
-    run_example(name, tmp_path)
+@pytest.mark.parametrize("name, tasks, swin_single, argv", [
+    ("reproduce_cifar100", 2, "0.8760", []),
+    ("reproduce_imagenet", 2, "0.9020", []),
+    ("reproduce_decathlon", 5, "0.8420", ["--decathlon-test-split", "test"])])
+def test_paper_reproductions(name, tasks, swin_single, argv, tmp_path, capsys) -> None:
+    run_example(name, tmp_path, *argv)
     assert summary(tmp_path / "test_resnet")["strategy"].tolist() == PAPER_ROWS
     table = (tmp_path / "paper_table.md").read_text()
     assert f"{tasks} tasks" in table

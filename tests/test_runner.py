@@ -11,11 +11,13 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from miniatures import write_decathlon
 
 from avalanche_maskrkr import cli, convert, runner
+from avalanche_maskrkr.benchmarks.decathlon import DEFAULT_DOMAINS
 from avalanche_maskrkr.accounting import method_cost
 from avalanche_maskrkr.checkpoint import WeightsError, load_weights
-from avalanche_maskrkr.config import RunConfig, Variant, resolve
+from avalanche_maskrkr.config import ConfigError, RunConfig, Variant, resolve
 
 HEADER = "strategy,avg_accuracy,forgetting,total_params,overhead_pct,train_seconds"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -192,3 +194,21 @@ def test_speed_options_reach_every_strategy_through_the_acceleration_plugin() ->
         assert plugin.channels_last and plugin.precision == "bf16"
     plain = runner.build_strategy(resolve(parse([])), Variant("rkr", "rkr"), 2)
     assert not any(isinstance(p, AccelerationPlugin) for p in plain.plugins)
+
+
+def test_decathlon_evaluates_on_val_or_on_the_labelled_test_split(tmp_path) -> None:
+    root = tmp_path / "decathlon-1.0"
+    domains = dict(zip(DEFAULT_DOMAINS, (4, 5, 8, 9, 10)))
+    expected = write_decathlon(root, domains, {"train": [2, 1], "val": [1, 1], "test": [1, 3]})
+    argv = ["--benchmark", "decathlon", "--data-root", str(root)]
+    assert parse(argv).decathlon_test_split == "val"
+    for split in ("val", "test"):
+        config = resolve(parse([*argv, "--decathlon-test-split", split]))
+        scenario = runner.build_benchmark(config)
+        for domain, train, test in zip(DEFAULT_DOMAINS, scenario.train_stream,
+                                       scenario.test_stream):
+            assert list(train.dataset.targets) == expected[domain, "train"]
+            assert list(test.dataset.targets) == expected[domain, split]
+    with pytest.raises(ConfigError, match=r"decathlon_test_split must be one of \('val', "
+                                          r"'test'\), got 'test_stripped'"):
+        resolve(RunConfig(benchmark="decathlon", decathlon_test_split="test_stripped"))

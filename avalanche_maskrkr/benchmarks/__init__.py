@@ -1,7 +1,7 @@
 """Task-labelled Avalanche streams: experience ``i`` has task label ``i`` and
 classes numbered ``0..C-1``; samples are ``(x, y, t)``."""
 
-from .catalog import BENCHMARK_DEFAULTS, build_benchmark
+from .catalog import BENCHMARK_DEFAULTS, DECATHLON_TEST_SPLITS, build_benchmark
 from .cifar import split_cifar100
 from .decathlon import decathlon_score, visual_decathlon
 from .digits import split_digits
@@ -10,6 +10,7 @@ from .transforms import backbone_transforms
 
 __all__ = [
     "BENCHMARK_DEFAULTS",
+    "DECATHLON_TEST_SPLITS",
     "build_benchmark",
     "backbone_transforms",
     "decathlon_score",

@@ -30,15 +30,20 @@ BENCHMARK_DEFAULTS: dict[str, BenchmarkDefaults] = {
     "decathlon": BenchmarkDefaults("resnet18", 64, None),
 }
 
+DECATHLON_TEST_SPLITS = ("val", "test")
+"""What Visual Decathlon evaluates on: ``<d>_val.json`` or the labelled ``<d>_test.json``."""
+
 def build_benchmark(name: str, img_size: int, seed: int = 0, tasks: int | None = None,
-                    data_root: str | Path | None = None, backbone: Backbone | None = None):
+                    data_root: str | Path | None = None, backbone: Backbone | None = None,
+                    decathlon_test_split: str = "val"):
     """The task-labelled scenario of benchmark ``name`` (a key of
     :data:`BENCHMARK_DEFAULTS`) with ``img_size``-pixel inputs.
 
     ``tasks``: the number of tasks (default: digits 5, cifar100 and imagenet 10; decathlon
     has one per domain and refuses it). ``data_root``: the dataset folder (digits needs
     none; cifar100 downloads through torchvision without one). ``backbone``: a timm name
-    whose pretrained normalisation the images get.
+    whose pretrained normalisation the images get. ``decathlon_test_split``: one of
+    :data:`DECATHLON_TEST_SPLITS`.
 
     Raises:
         ValueError: an unknown name, or ``tasks`` for decathlon.
@@ -54,7 +59,8 @@ def build_benchmark(name: str, img_size: int, seed: int = 0, tasks: int | None =
     if name == "decathlon":
         if tasks is not None:
             raise ValueError("decathlon has one task per domain: --tasks does not apply")
-        return visual_decathlon(data_root, image_size=img_size, backbone=backbone)
+        return visual_decathlon(data_root, test_split=decathlon_test_split,
+                                image_size=img_size, backbone=backbone)
     build = {"cifar100": split_cifar100, "imagenet": split_imagenet}[name]
     return build(root=data_root, n_experiences=tasks or 10, image_size=img_size, seed=seed,
                  backbone=backbone)
