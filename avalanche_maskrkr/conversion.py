@@ -5,14 +5,23 @@ SimpleMLP, ...) into a :class:`TaskAwareNetwork`. The model is modified in place
 layers are wrapped, keeping the same base parameter objects) and frozen.
 
 Which layers are adapted (SPEC section 2): every ``nn.Linear`` and ``nn.Conv2d`` of the
-backbone, grouped and depthwise convolutions included, except
+backbone, grouped and depthwise convolutions included, and the packed input projection
+of every ``nn.MultiheadAttention`` (torchvision's ViT; exposed as a Linear by
+:func:`~.layers.attention.expose_in_proj`), except
   * the classifier, replaced by per-task heads;
-  * the patch-embedding convolution of transformers (modules named ``patch_embed`` as in
-    timm, or ``conv_proj`` as in torchvision), unless ``adapt_patch_embed=True``;
-  * layers that cannot be wrapped safely, reported in one warning: projections inside
-    ``nn.MultiheadAttention`` (it reads their weights directly) and subclasses that
-    override ``forward`` (e.g. timm's ``Conv2dSame``).
-A fused timm ``qkv`` Linear is split into q, k, v factors when ``split_qkv=True``.
+  * the patch-embedding convolution of transformers, unless ``adapt_patch_embed=True``:
+    convolutions under a module named ``patch_embed`` (timm) or ``conv_proj``
+    (torchvision's ViT), and the only convolution of a network when it is a patchify
+    one, its kernel equal to its stride (torchvision's Swin, ``features.0.0``);
+  * layers that cannot be adapted, named in one warning with the parameters they leave
+    shared by all tasks: subclasses that override ``forward`` (e.g. timm's
+    ``Conv2dSame``) and the separate q, k, v weights of an ``nn.MultiheadAttention``
+    whose ``kdim`` or ``vdim`` differ from its ``embed_dim``.
+Code that reads an adapted layer's ``weight`` or ``bias`` instead of calling it
+(torchvision's Swin attention, ``nn.MultiheadAttention``) gets the current task's
+effective tensors (:meth:`~.layers.TaskAdaptedLayer.current`). A fused q, k, v
+projection (timm's ``qkv``, the attention's ``in_proj``) is split into q, k, v factors
+when ``split_qkv=True``.
 RKR layers save their output for backward (see :mod:`.layers.functional`), so the
 network computes RKR and Mask-RKR activations out of place while it trains (see
 :class:`~.network.TaskAwareNetwork`).
@@ -24,11 +33,13 @@ import warnings
 from torch import nn
 
 from .layers import TaskBatchNorm, TaskContext
+from .layers.attention import expose_in_proj
 from .network import TaskAwareNetwork
 from .options import MethodOptions, make_options
 
 HEAD_ATTRIBUTES = ("head", "fc", "classifier", "heads")
 PATCH_EMBED_NAMES = ("patch_embed", "conv_proj")
+FUSED_QKV_NAMES = ("qkv", "in_proj")
 
 
 def find_classifier(model: nn.Module, head_name: str | None = None) -> str:
@@ -64,23 +75,35 @@ def _wrappable(module: nn.Module) -> bool:
     return type(module).forward is base.forward
 
 
+def _patch_embeddings(model: nn.Module) -> set[str]:
+    """Names of the patch-embedding convolutions (see the module docstring)."""
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    names = {n for n, _ in convs if any(part in PATCH_EMBED_NAMES for part in n.split("."))}
+    if len(convs) == 1 and tuple(convs[0][1].kernel_size) == tuple(convs[0][1].stride):
+        names.add(convs[0][0])
+    return names
+
+
 def _adapted_layers(model: nn.Module, options: MethodOptions) -> list[tuple[str, nn.Module]]:
-    inside_mha = {id(m) for mha in model.modules() if isinstance(mha, nn.MultiheadAttention)
-                  for m in mha.modules()}
-    chosen, skipped = [], []
+    """(name, layer) of every layer to wrap; warns about the layers that cannot be."""
+    frozen = set() if options.adapt_patch_embed else _patch_embeddings(model)
+    chosen, shared = [], []
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, nn.MultiheadAttention) and not module._qkv_same_embed_dim:
+            weights = [module.q_proj_weight, module.k_proj_weight, module.v_proj_weight]
+            shared.append((f"{name} (the separate q, k, v weights of {type(module).__name__})",
+                           sum(w.numel() for w in weights)))
+        elif not isinstance(module, (nn.Linear, nn.Conv2d)) or name in frozen:
             continue
-        is_patch_embed = any(part in PATCH_EMBED_NAMES for part in name.split("."))
-        if isinstance(module, nn.Conv2d) and is_patch_embed and not options.adapt_patch_embed:
-            continue
-        if id(module) in inside_mha or not _wrappable(module):
-            skipped.append(name)
-        else:
+        elif _wrappable(module):
             chosen.append((name, module))
-    if skipped:
-        warnings.warn(f"these layers stay frozen and shared by all tasks (they cannot be "
-                      f"wrapped): {skipped}", stacklevel=3)
+        else:
+            shared.append((f"{name} ({type(module).__name__} overrides forward)",
+                           sum(p.numel() for p in module.parameters(recurse=False))))
+    if shared:
+        warnings.warn("these layers cannot be adapted: " + "; ".join(
+            f"{what} stays shared by all tasks: {n} parameters not adapted"
+            for what, n in shared), stacklevel=3)
     return chosen
 
 
@@ -96,10 +119,14 @@ def convert(model: nn.Module, method: str | MethodOptions = "rkr", **options) ->
     head_name = find_classifier(model, opts.head_name)
     feature_dim = model.get_submodule(head_name).in_features
     model.set_submodule(head_name, nn.Identity())
+    for attention in [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]:
+        if attention._qkv_same_embed_dim:
+            expose_in_proj(attention)
     context = TaskContext()
     for name, layer in _adapted_layers(model, opts):
         split = 3 if (opts.split_qkv and isinstance(layer, nn.Linear)
-                      and name.split(".")[-1] == "qkv" and layer.out_features % 3 == 0) else 1
+                      and name.split(".")[-1] in FUSED_QKV_NAMES
+                      and layer.out_features % 3 == 0) else 1
         model.set_submodule(name, opts.make_layer(layer, context, split))
     if opts.bn_policy == "per_task":
         norms = [(n, m) for n, m in model.named_modules()

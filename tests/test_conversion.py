@@ -1,4 +1,6 @@
 """Conversion: finding the classifier, which layers are wrapped, and how."""
+import warnings
+
 import pytest
 import timm
 import torch
@@ -82,22 +84,78 @@ def test_frozen_base_and_per_task_batchnorm():
     assert all(m.tasks["0"].training and not m.base.training for m in norms)
 
 
-def test_multihead_attention_projections_stay_frozen_with_a_warning():
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.mlp = nn.Linear(8, 8)
-            self.head = nn.Linear(8, 2)
+class _Attention(nn.Module):
+    """nn.MultiheadAttention, a Linear and a head (torchvision's ViT encoder in small)."""
 
+    def __init__(self, **attention):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, **attention)
+        self.mlp = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        kv = x if self.attn.kdim == x.shape[-1] else x[..., :self.attn.kdim]
+        return self.head(self.mlp(self.attn(x, kv, kv)[0]).mean(1))
+
+
+@pytest.mark.parametrize("split_qkv", [True, False])
+def test_multihead_attention_projections_are_adapted(split_qkv):
+    torch.manual_seed(0)
+    model = _Attention()
+    packed = model.attn.in_proj_weight, model.attn.in_proj_bias
+    x = torch.randn(3, 4, 8)
+    model.head = nn.Identity()
+    expected = model(x)
+    model.head = nn.Linear(8, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        network = amr.convert(model, "rkr", split_qkv=split_qkv)
+    wrapped = _wrapped(network)
+    assert sorted(wrapped) == ["attn.in_proj", "attn.out_proj", "mlp"]
+    assert wrapped["attn.in_proj"].n_split == (3 if split_qkv else 1)
+    in_proj = wrapped["attn.in_proj"].base  # the same parameters, under a Linear
+    assert (in_proj.weight, in_proj.bias) == packed
+    assert "backbone.attn.in_proj.base.weight" in network.state_dict()
+    for training in (True, False):  # no task: the base network, fast path or not
+        network.train(training)
+        torch.testing.assert_close(network.backbone(x), expected)
+    network.add_task(0, 2)  # a new task starts from the base network
+    with torch.no_grad():
+        torch.testing.assert_close(network.eval().forward_single_task(x, 0),
+                                   network.heads["0"](expected))
+
+
+def test_layers_that_cannot_be_adapted_are_named_with_their_cost():
+    class Doubled(nn.Linear):
         def forward(self, x):
-            return self.head(self.mlp(self.attn(x, x, x)[0]).mean(1))
+            return 2 * super().forward(x)
 
-    with pytest.warns(UserWarning, match="attn.out_proj"):
-        network = amr.convert(Tiny(), "rkr")
-    assert sorted(_wrapped(network)) == ["mlp"]
+    model = _Attention(kdim=6, vdim=6)  # separate q (8 x 8), k and v (8 x 6) weights
+    model.mlp = Doubled(8, 8)
+    with pytest.warns(UserWarning) as caught:
+        network = amr.convert(model, "piggyback")
+    message = str(caught[0].message)
+    assert ("attn (the separate q, k, v weights of MultiheadAttention) stays shared by all "
+            "tasks: 160 parameters not adapted") in message
+    assert "mlp (Doubled overrides forward) stays shared by all tasks: 72 parameters" in message
+    assert sorted(_wrapped(network)) == ["attn.out_proj"]
     network.add_task(0, 2)
-    assert network.eval()(torch.randn(3, 4, 8), 0).shape == (3, 2)
+    x = torch.randn(3, 4, 8)
+    assert network.eval()(x, torch.zeros(3, dtype=torch.long)).shape == (3, 2)
+
+
+def test_only_patchify_convolution_of_a_network_is_its_patch_embedding():
+    """torchvision's Swin names its patch embedding features.0.0; a network whose only
+    convolution has its kernel equal to its stride is taken as a transformer."""
+    def swin():
+        return torchvision.models.swin_transformer.SwinTransformer(
+            patch_size=[4, 4], embed_dim=8, depths=[2], num_heads=[1], window_size=[2, 2],
+            num_classes=2)
+
+    assert "features.0.0" not in _wrapped(amr.convert(swin(), "rkr"))
+    assert "features.0.0" in _wrapped(amr.convert(swin(), "rkr", adapt_patch_embed=True))
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Flatten(), nn.Linear(4, 2))
+    assert "0" in _wrapped(amr.convert(cnn, "rkr", head_name="2"))
 
 
 def test_rank_reaches_the_layers():

@@ -4,6 +4,11 @@ A :class:`TaskModule` holds, for each task label, a small module of task paramet
 ``self.tasks[str(task)]``. Which task is computed is read from a :class:`TaskContext`
 shared by every task module of a network: the network sets it once per forward, so the
 task label never has to be threaded through the backbone's own ``forward`` calls.
+
+A :class:`TaskAdaptedLayer` is called like the layer it wraps, and code that reads the
+layer's ``weight`` or ``bias`` itself instead of calling it (torchvision's Swin
+attention, ``nn.MultiheadAttention``) gets the current task's effective tensors, as a
+``torch.nn.utils.parametrize`` parametrization gives them.
 """
 from __future__ import annotations
 
@@ -22,14 +27,27 @@ class TaskContext:
     """What the task layers of one network share: the task label the network is computing
     (``None``: the base network), whether the network has dropped every stale fold cache
     before this forward (``folds_checked``: the layers then skip their own check, which
-    would break a compiled graph), and reusable work buffers."""
+    would break a compiled graph), reusable work buffers, and the differentiable
+    effective tensors that layers read for their ``weight`` and ``bias`` in this forward
+    (``read_tensors``, emptied whenever the task is set: at the start and end of each
+    network forward)."""
 
-    __slots__ = ("task", "folds_checked", "_buffers")
+    __slots__ = ("_task", "folds_checked", "_buffers", "read_tensors")
 
     def __init__(self) -> None:
-        self.task: int | None = None
+        self._task: int | None = None
         self.folds_checked = False
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self.read_tensors: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @property
+    def task(self) -> int | None:
+        return self._task
+
+    @task.setter
+    def task(self, task: int | None) -> None:
+        self._task = task
+        self.read_tensors.clear()
 
     def scratch(self, slot: str, shape: torch.Size, dtype: torch.dtype,
                 device: torch.device) -> torch.Tensor:
@@ -207,11 +225,38 @@ class TaskAdaptedLayer(TaskModule):
         self._fold_cache = None
         return super()._apply(fn, recurse)
 
+    def current(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of the task the network is computing, for code that reads them
+        instead of calling the layer: the base's when no task is set (or the task has no
+        parameters here), the cached fold when no gradient is needed (so evaluation costs
+        what the plain layer costs), else :meth:`effective`, differentiable and computed
+        once per network forward however often it is read."""
+        task = self.context.task
+        if task is None or not self.has_task(task):
+            return self.base.weight, self.base.bias
+        if not self.needs_grad(task):
+            return self.folded(task)
+        if torch.compiler.is_compiling():  # a compiler merges repeated computations itself
+            return self.effective(task)
+        read = self.context.read_tensors
+        if self not in read:
+            read[self] = self.effective(task)
+        return read[self]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The current task's effective weight, shaped like the base's (see :meth:`current`)."""
+        return self.current()[0]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The current task's effective bias (see :meth:`current`)."""
+        return self.current()[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        context, cache = self.context, self._fold_cache
-        if context.folds_checked and cache is not None and cache[0] == context.task:
+        context, cache, task = self.context, self._fold_cache, self.context.task
+        if context.folds_checked and cache is not None and cache[0] == task:
             return self.base_op(x, *cache[3])  # evaluation with a checked fold: the hot path
-        task = context.task
         if task is None or not self.has_task(task):
             return self.base(x)
         if self.needs_grad(task):
