@@ -1,4 +1,11 @@
 """RKR, Piggyback and Mask-RKR: parameter-efficient continual learning for Avalanche."""
+import warnings
+
+# Avalanche imports qpsolvers (for GEM, which nothing here uses); without a QP solver
+# installed it warns at import, before any command line or script of ours has started.
+warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning,
+                        module="qpsolvers")
+
 from . import models  # noqa: F401  (registers resnet18_cifar with timm)
 from .accounting import find_k_plus, parameter_report
 from .conversion import convert, find_classifier

@@ -3,7 +3,10 @@ and weights files."""
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -212,3 +215,27 @@ def test_decathlon_evaluates_on_val_or_on_the_labelled_test_split(tmp_path) -> N
     with pytest.raises(ConfigError, match=r"decathlon_test_split must be one of \('val', "
                                           r"'test'\), got 'test_stripped'"):
         resolve(RunConfig(benchmark="decathlon", decathlon_test_split="test_stripped"))
+
+
+NO_QP_SOLVER = """import importlib.abc, sys
+
+class NoSolvers(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith("qpsolvers.solvers.") and name.endswith("_"):
+            raise ImportError(name)
+
+sys.meta_path.insert(0, NoSolvers())
+"""
+"""A sitecustomize that hides every solver from qpsolvers, as on a machine without one."""
+
+
+def test_the_command_line_prints_no_third_party_warning(tmp_path) -> None:
+    (tmp_path / "sitecustomize.py").write_text(NO_QP_SOLVER)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    probe = subprocess.run([sys.executable, "-c", "import qpsolvers"], env=env,
+                           capture_output=True, text=True)
+    assert "no QP solver found" in probe.stderr  # what Avalanche's import would print
+    command = subprocess.run([sys.executable, "-m", "avalanche_maskrkr", "run", "-h"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert command.returncode == 0 and "--decathlon-test-split" in command.stdout
+    assert command.stderr == ""
