@@ -4,7 +4,8 @@ and Avalanche's EWC, LwF, SI, Replay and PackNet.
 
 Every baseline is a ``SupervisedTemplate`` over one of two task-aware models,
 :class:`MultiHeadNetwork` or :class:`SeparateModels` (PackNet: Avalanche's own
-``PackNetModel``), plus Avalanche's plugin for the method. Both models keep their task
+``PackNetModel``), plus Avalanche's plugin for the method (SI's with its weight
+snapshots copied, :class:`SynapticIntelligence`). Both models keep their task
 structure in the state dict, so ``load_state_dict`` into a freshly built one restores
 every task, as :class:`~avalanche_maskrkr.network.TaskAwareNetwork` does. Every
 experience starts with fresh optimizer state (:class:`FreshOptimizerState`), as the
@@ -15,6 +16,7 @@ Avalanche's ``as_multitask`` fails on timm's Swin head (SPEC section 7), so the
 multi-head model is built here: the classifier found by
 :func:`~avalanche_maskrkr.conversion.find_classifier` is replaced by one head per task.
 Importing this module registers ``simple_mlp`` with timm (a model PackNet accepts).
+What each baseline stores is counted in :mod:`.baseline_accounting`.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from avalanche.training.plugins import (
     SynapticIntelligencePlugin,
 )
 from avalanche.training.templates import SupervisedTemplate
+from avalanche.training.utils import ParamData
 from timm.models import register_model
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -149,6 +152,21 @@ class MultiHeadNetwork(PerTaskModules):
         super().add_task(task, n_classes)
         self._freeze_if_due()
 
+    def forward(self, x: torch.Tensor, task_labels: torch.Tensor | int | None):
+        """Avalanche's multi-task forward, except that a batch of several tasks (Replay's)
+        goes through the backbone once: -> (batch, most classes of a task) fp32 logits,
+        each row from its task's head, zero-padded. BatchNorm then normalises the whole
+        batch, as in Naive, and a task with one sample in the batch can train."""
+        if task_labels is None or isinstance(task_labels, int):
+            return super().forward(x, task_labels)
+        features = self.backbone(x)
+        out = torch.zeros(len(x), max(self.task_classes.values(), default=0), device=x.device)
+        for task in torch.unique(task_labels).tolist():
+            rows = task_labels == task
+            logits = self.task_module(task)(features[rows]).float()
+            out[rows, :logits.shape[1]] = logits
+        return out
+
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
         """(batch, ...) inputs of one task -> (batch, classes of the task) fp32 logits
         (under autocast too: Avalanche writes mixed batches into an fp32 tensor)."""
@@ -181,6 +199,31 @@ class SeparateModels(PerTaskModules):
         return self.task_module(task_label)(x).float()
 
 
+class SynapticIntelligence(SynapticIntelligencePlugin):
+    """Avalanche's ``SynapticIntelligencePlugin`` with real snapshots of the weights.
+
+    Avalanche snapshots a parameter as ``param.detach().cpu().flatten()``: a copy of a
+    CUDA parameter, but on CPU a view of the parameter itself. The reference weights
+    and the weights before each step then follow the training, so the importances and
+    the penalty stay 0 and SI trains exactly as Naive. Here the two snapshots that must
+    outlive a step (the reference weights taken before an experience, the weights
+    taken before each step) are copied.
+    """
+
+    def before_training_exp(self, strategy, **kwargs):
+        super().before_training_exp(strategy, **kwargs)
+        _own_copies(self.ewc_data[0])
+
+    def before_training_iteration(self, strategy, **kwargs):
+        super().before_training_iteration(strategy, **kwargs)
+        _own_copies(self.syn_data["old_theta"])
+
+
+def _own_copies(snapshots: Mapping[str, ParamData]) -> None:
+    for snapshot in snapshots.values():
+        snapshot.data = snapshot.data.clone()
+
+
 class FreshOptimizerState(SupervisedPlugin):
     """Empties the optimizer state (momenta) before every training experience, so that an
     experience's training depends only on the model it starts from."""
@@ -211,7 +254,9 @@ class BaselineOptions:
         ewc_lambda: weight of EWC's penalty (measured on digits: 1e4 beats 1e2, 1e3
             and 1e5 there).
         lwf_alpha, lwf_temperature: weight and temperature of LwF's distillation.
-        si_lambda: weight of SI's penalty.
+        si_lambda: weight of SI's penalty, whose importances Avalanche clamps at 1e-3
+            (measured on digits with test_resnet: average accuracy 0.952 at 10, 0.947
+            at 1, 0.950 at 100, 0.882 at 1000).
         replay_mem_size: samples in the replay buffer.
         packnet_prune: fraction of the free weights PackNet prunes after each task.
         packnet_post_prune_epochs: epochs PackNet fine-tunes after pruning (fewer than
@@ -225,7 +270,7 @@ class BaselineOptions:
     ewc_lambda: float = 1e4
     lwf_alpha: float = 1.0
     lwf_temperature: float = 2.0
-    si_lambda: float = 1.0
+    si_lambda: float = 10.0
     replay_mem_size: int = 200
     packnet_prune: float = 0.5
     packnet_post_prune_epochs: int = 1
@@ -273,7 +318,7 @@ BASELINES: dict[str, Baseline] = {
     "single": Baseline(lambda make_backbone, n, options: SeparateModels(make_backbone)),
     "ewc": Baseline(_multi_head, lambda o: [EWCPlugin(o.ewc_lambda)]),
     "lwf": Baseline(_multi_head, lambda o: [LwFPlugin(o.lwf_alpha, o.lwf_temperature)]),
-    "si": Baseline(_multi_head, lambda o: [SynapticIntelligencePlugin(o.si_lambda)]),
+    "si": Baseline(_multi_head, lambda o: [SynapticIntelligence(o.si_lambda)]),
     "replay": Baseline(_multi_head, lambda o: [ReplayPlugin(mem_size=o.replay_mem_size)]),
     "packnet": Baseline(_packnet_model, lambda o: [
         PackNetPlugin(o.packnet_post_prune_epochs, o.packnet_prune)]),

@@ -42,7 +42,7 @@ from avalanche.training.templates.base_sgd import PeriodicEval
 from avalanche.training.utils import ParamData
 from torch import nn
 
-from .baselines import FreshOptimizerState, StepDecay
+from .baselines import FreshOptimizerState, StepDecay, SynapticIntelligence
 from .conversion import find_classifier
 from .plugins import MethodPlugin
 
@@ -52,6 +52,7 @@ RESTART_HINT = "pass --restart to start over (the file is replaced) or remove it
 PLUGIN_STATE: dict[type, tuple[str, ...]] = {
     EWCPlugin: ("saved_params", "importances"),
     SynapticIntelligencePlugin: ("ewc_data", "syn_data"),
+    SynapticIntelligence: ("ewc_data", "syn_data"),
     LwFPlugin: ("lwf.prev_model", "lwf.expcount", "lwf.prev_classes_by_task"),
 }
 """Plugin class -> attributes (dotted) that carry state between experiences."""

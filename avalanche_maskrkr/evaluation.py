@@ -21,7 +21,7 @@ experience, ``i``: training experience, all zero-padded to three digits):
   raises ``TypeError`` if ``eval`` is called before the first ``train``.
 * ``Time_Epoch/train_phase/train_stream/Task{t}``: seconds per training epoch.
 * ``PeakMemory_MB/train_phase/train_stream/Task{t}/Exp{i}``: see
-  :class:`PeakMemory`.
+  :class:`PeakMemory` (CUDA only).
 * ``Params_Total/train_phase/train_stream/Task{t}/Exp{i}`` and
   ``Bytes_Per_Task/...``: see :class:`ParameterCost` (not among the defaults;
   pass it in ``extra_metrics``).
@@ -35,8 +35,6 @@ counter when the value was logged.
 from __future__ import annotations
 
 import re
-import resource
-import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -57,6 +55,7 @@ from avalanche.logging import BaseLogger, InteractiveLogger
 from avalanche.training.plugins import EvaluationPlugin
 
 from .accounting import method_cost
+from .baseline_accounting import baseline_cost
 from .network import TaskAwareNetwork
 
 if TYPE_CHECKING:
@@ -72,26 +71,17 @@ PARAMS_TOTAL = "Params_Total"
 BYTES_PER_TASK = "Bytes_Per_Task"
 
 
-def _peak_memory_mb(device: torch.device | str) -> float:
-    """Peak CUDA allocation on ``device`` if it is a CUDA device, else peak RSS."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / _BYTES_PER_MB
-    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # ru_maxrss is in bytes on macOS and in KiB on Linux.
-    rss_bytes = max_rss if sys.platform == "darwin" else max_rss * 1024
-    return rss_bytes / _BYTES_PER_MB
-
-
 class PeakMemory(PluginMetric[float]):
-    """Peak memory in MiB of each training experience.
-
-    On a CUDA device this is ``torch.cuda.max_memory_allocated`` with the peak
-    reset at the start of the experience. On CPU it is the process's peak
-    resident set size (``resource.getrusage``), which cannot be reset, so it is
-    the peak since the process started and never decreases.
-    Logged after each training experience as
+    """Peak CUDA memory in MiB of each training experience:
+    ``torch.cuda.max_memory_allocated`` with the peak reset at the start of the
+    experience. Logged after each training experience on a CUDA device as
     ``PeakMemory_MB/train_phase/train_stream/Task{t:03}/Exp{i:03}``.
+
+    Nothing is logged on other devices: the process's peak resident set size
+    covers its whole life, not the experience, and the heap peak of
+    :class:`~avalanche_maskrkr.heap.HeapPeak`, sampled after every op, slows
+    training about threefold and is hidden by the frees of objects collected
+    during the experience. ``benchmarks/speed.py`` measures CPU memory.
     """
 
     def __init__(self) -> None:
@@ -111,7 +101,10 @@ class PeakMemory(PluginMetric[float]):
             torch.cuda.reset_peak_memory_stats(device)
 
     def after_training_exp(self, strategy: SupervisedTemplate) -> MetricResult:
-        self._peak_mb = _peak_memory_mb(strategy.device)
+        device = torch.device(strategy.device)
+        if device.type != "cuda":
+            return None
+        self._peak_mb = torch.cuda.max_memory_allocated(device) / _BYTES_PER_MB
         name = get_metric_name(self, strategy, add_experience=True)
         return [
             MetricValue(self, name, self._peak_mb, strategy.clock.train_iterations)
@@ -129,11 +122,12 @@ class ParameterCost(PluginMetric[dict]):
     :func:`avalanche_maskrkr.accounting.method_cost`: base + heads + task
     parameters, a binary mask entry counting 1/32 of a parameter; bytes per
     task are the mean over its tasks of head and task parameters, masks
-    bit-packed. Any other model counts all its parameters, and its bytes per
-    task are the whole model's bytes divided by the number of tasks it has
-    trained (``known_train_tasks_labels`` of a ``MultiTaskModule``, else 1):
-    one model per task for separate models, the shared network spread over
-    the tasks for a multi-head one. Logged as
+    bit-packed. Any other model (a baseline) is measured by
+    :func:`avalanche_maskrkr.baseline_accounting.baseline_cost`: all its
+    parameters plus what its plugins store between tasks (EWC's and SI's
+    importances and reference weights, LwF's previous model, Replay's buffer,
+    PackNet's owner of each weight), its bytes per task the whole divided by
+    the number of tasks it has trained. Logged as
     ``Params_Total/train_phase/train_stream/Task{t:03}/Exp{i:03}`` and
     ``Bytes_Per_Task/...`` (read back with :func:`parameter_cost`).
     """
@@ -153,12 +147,7 @@ class ParameterCost(PluginMetric[dict]):
         if isinstance(model, TaskAwareNetwork):
             self._cost = method_cost(model)
         else:
-            params = list(model.parameters())
-            tasks = len(getattr(model, "known_train_tasks_labels", ())) or 1
-            self._cost = {
-                "total_params": float(sum(p.numel() for p in params)),
-                "bytes_per_task": sum(p.numel() * p.element_size() for p in params) / tasks,
-            }
+            self._cost = baseline_cost(model, strategy.plugins)
         step = strategy.clock.train_iterations
         return [
             MetricValue(self, get_metric_name(name, strategy, add_experience=True), value, step)
@@ -238,7 +227,7 @@ def total_train_time(evaluator_or_metrics: EvaluationPlugin | MetricHistory) -> 
 
 
 def peak_memory_mb(evaluator_or_metrics: EvaluationPlugin | MetricHistory) -> float:
-    """Largest ``PeakMemory_MB`` value logged (MiB); 0.0 if none was logged."""
+    """Largest ``PeakMemory_MB`` value logged (MiB); 0.0 if none was logged (on CPU)."""
     values = _values_with_prefix(_history(evaluator_or_metrics), PEAK_MEMORY_PREFIX)
     return max(values, default=0.0)
 

@@ -18,7 +18,6 @@ from torch.utils.data import TensorDataset
 from avalanche_maskrkr.evaluation import (
     collect_accuracy_matrix,
     make_evaluator,
-    peak_memory_mb,
     total_train_time,
 )
 from avalanche_maskrkr.plots import plot_all, plot_accuracy_vs_overhead
@@ -253,13 +252,9 @@ def test_scores_match_avalanche(avalanche_run) -> None:
     assert bwt(matrix) == pytest.approx(final["StreamBWT/eval_phase/test_stream"])
 
 
-def test_time_and_memory_logged(avalanche_run) -> None:
+def test_epoch_times_logged(avalanche_run) -> None:
     evaluator, _ = avalanche_run
     history = evaluator.get_all_metrics()
-    for i in range(N_EXP):
-        name = f"PeakMemory_MB/train_phase/train_stream/Task{i:03}/Exp{i:03}"
-        assert history[name][1][0] > 0
-    assert peak_memory_mb(evaluator) > 0
     epoch_times = [
         v for k, (_, vals) in history.items() if k.startswith("Time_Epoch/") for v in vals
     ]
