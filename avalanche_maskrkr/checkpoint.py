@@ -81,7 +81,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, head_name: str | Non
     ``state_dict``/``model``) pass through the model's timm ``checkpoint_filter_fn``
     when it has one (which e.g. resamples ViT position embeddings to the model's image
     size); ``.npz`` is timm's original ViT (JAX) format, read by the model's own
-    ``load_pretrained``.
+    ``load_pretrained``. Integer buffers that the file leaves out (BatchNorm's
+    ``num_batches_tracked``, as many exported timm files do) keep the model's values.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -110,7 +111,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike, head_name: str | Non
         state = filter_fn(state, model)
     head = find_classifier(model, head_name) + "."
     state = {k: v for k, v in state.items() if not k.startswith(head)}
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
+    # Integer buffers (BatchNorm's num_batches_tracked, index tables) hold no learned
+    # state: many exported files leave them out, and the model's own values stand.
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(head)
+                and (k in state or v.is_floating_point())}
     problems = []
     if missing := sorted(set(expected) - set(state)):
         problems.append(f"missing keys {missing}")

@@ -32,7 +32,7 @@ import warnings
 
 from torch import nn
 
-from .layers import TaskBatchNorm, TaskContext
+from .layers import TaskBatchNorm, TaskBatchStats, TaskContext
 from .layers.attention import expose_in_proj
 from .network import TaskAwareNetwork
 from .options import MethodOptions, make_options
@@ -128,9 +128,10 @@ def convert(model: nn.Module, method: str | MethodOptions = "rkr", **options) ->
                       and name.split(".")[-1] in FUSED_QKV_NAMES
                       and layer.out_features % 3 == 0) else 1
         model.set_submodule(name, opts.make_layer(layer, context, split))
-    if opts.bn_policy == "per_task":
+    if opts.bn_policy != "frozen":
+        wrapper = TaskBatchNorm if opts.bn_policy == "per_task" else TaskBatchStats
         norms = [(n, m) for n, m in model.named_modules()
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         for name, norm in norms:
-            model.set_submodule(name, TaskBatchNorm(norm, context))
+            model.set_submodule(name, wrapper(norm, context))
     return TaskAwareNetwork(model, feature_dim, opts, context)

@@ -18,15 +18,34 @@ from avalanche.models import MultiTaskModule
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers import (RKRLayer, TaskAdaptedLayer, TaskBatchNorm, TaskContext, TaskModule,
+from .layers import (BinaryMask, RKRLayer, TaskAdaptedLayer, TaskBatchNorm, TaskBatchStats,
+                     TaskContext, TaskModule,
                      zero_scales_found)
-from .options import MethodOptions
+from .options import ROLES, MethodOptions
 
 STREAM_HINT = (
     "Build a task-labelled stream with classes numbered from 0 in each task, e.g. "
     "avalanche_maskrkr.benchmarks.split_cifar100(), SplitCIFAR100(n_experiences=10, "
     "return_task_id=True, class_ids_from_zero_in_each_exp=True) or nc_benchmark(..., "
     "task_labels=True, class_ids_from_zero_in_each_exp=True).")
+
+
+NEVER_TRAINED = (
+    "The base network is frozen from the start, but its BatchNorm statistics have never "
+    "been updated: it looks untrained, and every task would learn on random features. "
+    "Load pretrained weights first (timm.create_model(..., pretrained=True), a weights "
+    "file; the runner's --pretrained or --weights), or pass train_base_first=True to "
+    "train the base with the first task and freeze it afterwards (the original RKR "
+    "protocol).")
+
+
+def never_trained(model: nn.Module) -> bool:
+    """Whether ``model`` has BatchNorm layers all of whose running statistics still hold
+    their initial values (mean 0, variance 1): a network that never saw data."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+             and m.running_mean is not None and not m.running_mean.is_meta]
+    return bool(norms) and all(bool((m.running_mean == 0).all() and (m.running_var == 1).all())
+                               for m in norms)
 
 
 def experience_tasks(experience) -> list[int]:
@@ -71,6 +90,8 @@ class TaskAwareNetwork(MultiTaskModule):
         self.backbone.requires_grad_(False)
         for param in self.base_parameters():
             param.requires_grad_(not self.base_frozen)
+        if self.base_frozen and never_trained(backbone):
+            warnings.warn(NEVER_TRAINED, stacklevel=3)
 
     # -- structure ---------------------------------------------------------------------
     @property
@@ -117,16 +138,48 @@ class TaskAwareNetwork(MultiTaskModule):
             self.train(self.training)
 
     def trainable_parameters(self, tasks: Iterable[int]) -> list[nn.Parameter]:
-        """Exactly what training ``tasks`` updates: their heads and task parameters, and
-        the base while it is not yet frozen."""
-        params: list[nn.Parameter] = []
+        """Exactly what training ``tasks`` updates (:meth:`parameter_roles`, flat)."""
+        return [p for params in self.parameter_roles(tasks).values() for p in params]
+
+    def parameter_roles(self, tasks: Iterable[int]) -> dict[str, list[nn.Parameter]]:
+        """Exactly what training ``tasks`` updates, by role (:data:`~.options.ROLES`):
+        their heads, real-valued task parameters and mask scores, and the base while it
+        is not yet frozen."""
+        roles: dict[str, list[nn.Parameter]] = {role: [] for role in ROLES}
         for task in tasks:
-            params += [p for p in self.heads[str(task)].parameters() if p.requires_grad]
+            roles["head"] += [p for p in self.heads[str(task)].parameters() if p.requires_grad]
             for module in self.task_modules:
-                params += module.task_parameters(task)
+                for param in module.task_parameters(task):
+                    roles["masks" if id(param) in self._mask_scores else "factors"].append(param)
         if not self.base_frozen:
-            params += self.base_parameters()
-        return list({id(p): p for p in params}.values())
+            roles["base"] = self.base_parameters()
+        return roles
+
+    @property
+    def _mask_scores(self) -> set[int]:
+        return {id(m.scores) for m in self.backbone.modules()
+                if isinstance(m, BinaryMask) and not m.frozen}
+
+    @torch.no_grad()
+    def estimate_statistics(self, task: int, batches: Iterable[torch.Tensor]) -> None:
+        """Re-estimate ``task``'s own BatchNorm statistics (``bn_policy="task_stats"``)
+        for its current adapted network: the average over ``batches`` of (batch, ...)
+        inputs, in eval mode otherwise (no dropout). Call before :meth:`finish_task`."""
+        layers = [m for m in self.task_modules
+                  if isinstance(m, TaskBatchStats) and m.has_task(task)]
+        if not layers:
+            return
+        for layer in layers:
+            layer.reset_statistics(task)
+        training = self.training
+        self.eval()
+        self.context.estimating = True
+        try:
+            for x in batches:
+                self.forward_single_task(x, task)
+        finally:
+            self.context.estimating = False
+            self.train(training)
 
     # -- Avalanche hooks -----------------------------------------------------------------
     def adaptation(self, experience) -> None:

@@ -14,7 +14,12 @@ from torch import nn
 
 from .layers import PLACEMENTS, PiggybackLayer, RKRLayer, TaskAdaptedLayer, TaskContext
 
-BN_POLICIES = ("frozen", "per_task")
+BN_POLICIES = ("frozen", "task_stats", "per_task")
+ROLES = ("head", "factors", "masks", "base")
+"""What a trained parameter is: a task's head, its real-valued factors, its mask scores,
+or the base network (trained with the first task under ``train_base_first``)."""
+MASK_LR_SCALE = 0.1
+"""Mask scores' default learning rate, relative to the optimizer's."""
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,21 @@ class MethodOptions:
             three layers with their own rectification factors (the paper's ViT).
         head_name: dotted name of the classifier module; default: found automatically.
         bn_policy: ``"frozen"`` (BatchNorm in eval mode with the base statistics, as the
-            official Piggyback code) or ``"per_task"`` (one trained BatchNorm per task).
+            official Piggyback code; RKR's default: statistics re-estimated after an RKR
+            layer would cancel its scaling F), ``"task_stats"`` (each task its own
+            running mean and variance, estimated for its adapted network; the masks'
+            default, see :mod:`.layers.batchnorm`) or ``"per_task"`` (one trained
+            BatchNorm per task, affine parameters included).
+        head_lr, factor_lr, mask_lr: learning rates of the three roles of a task's
+            parameters: its head, its real-valued factors (RKR's LM, RM and F;
+            Mask-RKR's first task) and its mask scores. ``None``: the optimizer's own
+            rate for the head and the factors, one tenth of it for the mask scores
+            (under ``Adam(lr=1e-3)``: 1e-4, Piggyback's published mask rate; scores
+            start 5e-3 above the threshold, and Adam moves each by about the rate per
+            step). The paper's recipe: ``head_lr=1e-4, mask_lr=1e-4``.
+        warmup_epochs: epochs at the start of each task in which only the head trains
+            (its first task's factors and masks wait): a random head sends noise into
+            the mask scores, and Adam turns noise into full-size steps.
         train_base_first: train the whole base network (with the first task's parameters
             and head) on the first experience, then freeze it: the original RKR protocol
             for users without pretrained weights.
@@ -39,10 +58,28 @@ class MethodOptions:
     bn_policy: str = "frozen"
     train_base_first: bool = False
     adapt_patch_embed: bool = False
+    head_lr: float | None = None
+    factor_lr: float | None = None
+    mask_lr: float | None = None
+    warmup_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.bn_policy not in BN_POLICIES:
             raise ValueError(f"bn_policy must be one of {BN_POLICIES}, got {self.bn_policy!r}")
+        for name in ("head_lr", "factor_lr", "mask_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 (or None), got {value!r}")
+        if not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be an integer >= 0, got "
+                             f"{self.warmup_epochs!r}")
+
+    def learning_rates(self, lr: float) -> dict[str, float]:
+        """Learning rate of each role (:data:`ROLES`) under an optimizer of rate ``lr``."""
+        return {"head": lr if self.head_lr is None else self.head_lr,
+                "factors": lr if self.factor_lr is None else self.factor_lr,
+                "masks": lr * MASK_LR_SCALE if self.mask_lr is None else self.mask_lr,
+                "base": lr}
 
     def make_layer(self, base: nn.Linear | nn.Conv2d, context: TaskContext,
                    n_split: int) -> TaskAdaptedLayer:
@@ -82,6 +119,7 @@ class PiggybackOptions(MethodOptions):
     """Piggyback. ``mask_init``: initial score (1e-2); ``mask_threshold``: 5e-3."""
 
     name: ClassVar[str] = "piggyback"
+    bn_policy: str = "task_stats"
     mask_init: float = 1e-2
     mask_threshold: float = 5e-3
 
@@ -104,6 +142,7 @@ class MaskRKROptions(MethodOptions):
     """
 
     name: ClassVar[str] = "mask-rkr"
+    bn_policy: str = "task_stats"
     rank: int = 2
     mask_init: float = 1e-2
     mask_threshold: float = 5e-3

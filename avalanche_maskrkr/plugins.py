@@ -4,15 +4,20 @@ Added to ``Naive`` (or any ``SupervisedTemplate``) over an unconverted model, a 
 converts the model the first time the strategy trains or evaluates, and then, for each
 experience:
   * before training: points the strategy's optimizer at exactly the parameters the
-    experience's task trains (its factors or mask scores and its head), keeping the
-    optimizer's class and hyperparameters (those of its first parameter group), with
-    fresh state. Frozen parameters are never in it.
-  * after training: freezes the task for good (masks packed to 1 bit per entry).
+    experience's task trains, in one group per role (its head, its real-valued factors,
+    its mask scores; the base under ``train_base_first``) with the role's learning rate
+    (``head_lr``, ``factor_lr``, ``mask_lr``), keeping the optimizer's class and its
+    other hyperparameters, with fresh state. Frozen parameters are never in it. In the
+    first ``warmup_epochs`` epochs only the head's group moves.
+  * after training: re-estimates the task's own BatchNorm statistics for its adapted
+    network (``bn_policy="task_stats"``) from the experience's training inputs, then
+    freezes the task for good (masks packed to 1 bit per entry).
 Task parameters and heads are created by the network's Avalanche ``adaptation``.
 """
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator, Mapping
 from typing import ClassVar
 
 import torch
@@ -23,13 +28,39 @@ from .network import TaskAwareNetwork, experience_tasks
 from .options import MaskRKROptions, MethodOptions, PiggybackOptions, RKROptions, make_options
 
 
-def point_optimizer(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
-    """Make ``params`` the optimizer's only parameter group, with fresh state and the
-    hyperparameters of its current first group."""
-    hyper = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+def user_settings(optimizer: torch.optim.Optimizer) -> dict:
+    """The hyperparameters a user gave ``optimizer`` (``lr`` included), shared by its
+    parameter groups.
+
+    Raises:
+        ValueError: its groups differ in a hyperparameter: the methods group each task's
+            parameters by role themselves, and groups over the original model's
+            parameters do not map onto a task's new parameters.
+    """
+    own = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    if any(settings != own[0] for settings in own[1:]):
+        raise ValueError(
+            "the optimizer has parameter groups with different settings; RKR, Piggyback "
+            "and Mask-RKR put each task's parameters in groups by role themselves (head, "
+            "factors, mask scores). Pass one group, e.g. "
+            "torch.optim.Adam(model.parameters(), lr=1e-3), and set the roles' rates with "
+            "head_lr, factor_lr and mask_lr.")
+    return own[0]
+
+
+def point_optimizer(optimizer: torch.optim.Optimizer,
+                    groups: Mapping[str, list[torch.nn.Parameter]],
+                    settings: Mapping, rates: Mapping[str, float]) -> None:
+    """Make ``groups`` (role -> parameters; empty ones left out) the optimizer's
+    parameter groups, with fresh state, the hyperparameters ``settings`` and each role's
+    rate from ``rates``. A group records its role (``"role"``) and its rate before any
+    schedule (``"initial_lr"``, which schedules scale)."""
     optimizer.param_groups.clear()
     optimizer.state = defaultdict(dict)
-    optimizer.add_param_group({**hyper, "params": params})
+    for role, params in groups.items():
+        if params:
+            optimizer.add_param_group({**settings, "params": params, "role": role,
+                                       "lr": rates[role], "initial_lr": rates[role]})
 
 
 class MethodPlugin(SupervisedPlugin):
@@ -40,6 +71,7 @@ class MethodPlugin(SupervisedPlugin):
     def __init__(self, **options):
         super().__init__()
         self.options = make_options(self.options_class.name, **options)
+        self._settings: dict | None = None  # the user optimizer's hyperparameters
 
     def convert(self, model: torch.nn.Module) -> TaskAwareNetwork:
         """Convert ``model`` for this method (a converted one must have these options)."""
@@ -61,12 +93,37 @@ class MethodPlugin(SupervisedPlugin):
         self._ensure_converted(strategy)
 
     def before_training_exp(self, strategy, **kwargs):
-        tasks = experience_tasks(strategy.experience)
-        point_optimizer(strategy.optimizer, strategy.model.trainable_parameters(tasks))
+        if self._settings is None:  # the user's optimizer, as given
+            self._settings = user_settings(strategy.optimizer)
+        rates = self.options.learning_rates(self._settings["lr"])
+        roles = strategy.model.parameter_roles(experience_tasks(strategy.experience))
+        point_optimizer(strategy.optimizer, roles, self._settings, rates)
+
+    def before_training_epoch(self, strategy, **kwargs):
+        """Warm-up: only the head trains in each task's first ``warmup_epochs`` epochs."""
+        warming = strategy.clock.train_exp_epochs < self.options.warmup_epochs
+        for group in strategy.optimizer.param_groups:
+            if group.get("role") not in (None, "head"):
+                group["lr"] = 0.0 if warming else group.get("initial_lr", group["lr"])
 
     def after_training_exp(self, strategy, **kwargs):
-        for task in experience_tasks(strategy.experience):
+        tasks = experience_tasks(strategy.experience)
+        if self.options.bn_policy == "task_stats":
+            for task in tasks:
+                strategy.model.estimate_statistics(task, task_inputs(strategy, task))
+        for task in tasks:
             strategy.model.finish_task(task)
+
+
+def task_inputs(strategy, task: int) -> Iterator[torch.Tensor]:
+    """The current experience's training inputs of ``task`` (eval transforms), in
+    batches of ``strategy.eval_mb_size`` on the strategy's device."""
+    dataset = strategy.experience.dataset.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=strategy.eval_mb_size)
+    for x, _, t, *_ in loader:
+        x = x[t == task]
+        if len(x):
+            yield x.to(strategy.device)
 
 
 class RKRPlugin(MethodPlugin):

@@ -1,10 +1,10 @@
 """Per-task layers: the three methods as parametrizations of a frozen layer."""
 from .base import TaskAdaptedLayer, TaskContext, TaskCost, TaskModule
-from .batchnorm import TaskBatchNorm
+from .batchnorm import TaskBatchNorm, TaskBatchStats
 from .masks import BinaryMask, pack_bits, unpack_bits
 from .piggyback import PiggybackLayer
 from .rkr import PLACEMENTS, RKRLayer, zero_scales_found
 
 __all__ = ["BinaryMask", "PLACEMENTS", "PiggybackLayer", "RKRLayer", "TaskAdaptedLayer",
-           "TaskBatchNorm", "TaskContext", "TaskCost", "TaskModule", "pack_bits", "unpack_bits",
+           "TaskBatchNorm", "TaskBatchStats", "TaskContext", "TaskCost", "TaskModule", "pack_bits", "unpack_bits",
            "zero_scales_found"]

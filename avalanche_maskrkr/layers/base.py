@@ -30,15 +30,17 @@ class TaskContext:
     would break a compiled graph), reusable work buffers, and the differentiable
     effective tensors that layers read for their ``weight`` and ``bias`` in this forward
     (``read_tensors``, emptied whenever the task is set: at the start and end of each
-    network forward)."""
+    network forward), and whether the network is estimating a task's BatchNorm
+    statistics (``estimating``, see :class:`~.batchnorm.TaskBatchStats`)."""
 
-    __slots__ = ("_task", "folds_checked", "_buffers", "read_tensors")
+    __slots__ = ("_task", "folds_checked", "_buffers", "read_tensors", "estimating")
 
     def __init__(self) -> None:
         self._task: int | None = None
         self.folds_checked = False
         self._buffers: dict[tuple, torch.Tensor] = {}
         self.read_tensors: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.estimating = False
 
     @property
     def task(self) -> int | None:
