@@ -43,9 +43,6 @@ class MethodOptions:
             (under ``Adam(lr=1e-3)``: 1e-4, Piggyback's published mask rate; scores
             start 5e-3 above the threshold, and Adam moves each by about the rate per
             step). The paper's recipe: ``head_lr=1e-4, mask_lr=1e-4``.
-        warmup_epochs: epochs at the start of each task in which only the head trains
-            (its first task's factors and masks wait): a random head sends noise into
-            the mask scores, and Adam turns noise into full-size steps.
         train_base_first: train the whole base network (with the first task's parameters
             and head) on the first experience, then freeze it: the original RKR protocol
             for users without pretrained weights.
@@ -61,7 +58,6 @@ class MethodOptions:
     head_lr: float | None = None
     factor_lr: float | None = None
     mask_lr: float | None = None
-    warmup_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.bn_policy not in BN_POLICIES:
@@ -70,9 +66,6 @@ class MethodOptions:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0 (or None), got {value!r}")
-        if not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be an integer >= 0, got "
-                             f"{self.warmup_epochs!r}")
 
     def learning_rates(self, lr: float) -> dict[str, float]:
         """Learning rate of each role (:data:`ROLES`) under an optimizer of rate ``lr``."""

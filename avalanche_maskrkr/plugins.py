@@ -7,8 +7,7 @@ experience:
     experience's task trains, in one group per role (its head, its real-valued factors,
     its mask scores; the base under ``train_base_first``) with the role's learning rate
     (``head_lr``, ``factor_lr``, ``mask_lr``), keeping the optimizer's class and its
-    other hyperparameters, with fresh state. Frozen parameters are never in it. In the
-    first ``warmup_epochs`` epochs only the head's group moves.
+    other hyperparameters, with fresh state. Frozen parameters are never in it.
   * after training: re-estimates the task's own BatchNorm statistics for its adapted
     network (``bn_policy="task_stats"``) from the experience's training inputs, then
     freezes the task for good (masks packed to 1 bit per entry).
@@ -98,13 +97,6 @@ class MethodPlugin(SupervisedPlugin):
         rates = self.options.learning_rates(self._settings["lr"])
         roles = strategy.model.parameter_roles(experience_tasks(strategy.experience))
         point_optimizer(strategy.optimizer, roles, self._settings, rates)
-
-    def before_training_epoch(self, strategy, **kwargs):
-        """Warm-up: only the head trains in each task's first ``warmup_epochs`` epochs."""
-        warming = strategy.clock.train_exp_epochs < self.options.warmup_epochs
-        for group in strategy.optimizer.param_groups:
-            if group.get("role") not in (None, "head"):
-                group["lr"] = 0.0 if warming else group.get("initial_lr", group["lr"])
 
     def after_training_exp(self, strategy, **kwargs):
         tasks = experience_tasks(strategy.experience)
