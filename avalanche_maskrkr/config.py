@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from avalanche.distributed import DistributedHelper
 
 from .benchmarks import BENCHMARK_DEFAULTS, DECATHLON_TEST_SPLITS
 from .options import METHODS, make_options
@@ -139,8 +140,10 @@ def strategy_options(config: RunConfig, variant: Variant) -> dict[str, Any]:
 
 def checkpoint_config(config: RunConfig, variant: Variant) -> dict[str, Any]:
     """What must match for a checkpoint of ``variant`` to be resumed: the settings that
-    change its results, flat (options by their own names)."""
+    change its results, flat (options by their own names), and the number of processes
+    (each takes a batch of ``batch_size``)."""
     settings = {k: v for k, v in dataclasses.asdict(config).items()
                 if k not in (*NOT_IN_CHECKPOINT, "options")}
     return {**settings, **strategy_options(config, variant), "label": variant.label,
-            "strategy": variant.strategy, "lr": strategy_lr(config, variant)}
+            "strategy": variant.strategy, "lr": strategy_lr(config, variant),
+            "processes": DistributedHelper.world_size}

@@ -1,97 +1,113 @@
-"""Multi-process training of the method strategies with DistributedDataParallel.
+"""Training in several processes, one per device, as torchrun launches them::
 
-Launch one process per device with torchrun, e.g. on two CPU processes::
+    torchrun --nproc_per_node 2 -m avalanche_maskrkr run --strategies mask-rkr ...
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 \\
-        -m avalanche_maskrkr.distributed --method mask-rkr --experiences 2 --out exports/
+The runner joins the process group in :func:`process_group` and puts
+:class:`DistributedPlugin` first in every strategy's plugins; a script of its own can do
+the same. What happens, for any strategy:
 
-In a script: call :func:`init_distributed` first in every process, and add
-:class:`DistributedPlugin` to the strategy. What happens:
-
-* :func:`init_distributed` starts the process group from torchrun's environment through
-  Avalanche's ``DistributedHelper`` (gloo on CPU, nccl on CUDA) and seeds every process
-  alike. Avalanche 0.6's data loaders then shard each experience with a
+* :func:`process_group` joins the group that torchrun's environment describes (gloo on
+  CPU, nccl on CUDA, where each process takes the GPU of its local rank, see
+  :func:`process_device`). Every process seeds its generators alike.
+* Avalanche 0.6's data loaders then shard each training experience with a
   ``DistributedSampler``: every process takes ``train_mb_size`` samples per step, so the
-  global batch is ``world_size * train_mb_size``.
-* Task parameters are created per experience (by the network's adaptation), so the plugin
-  wraps the network in ``DistributedDataParallel`` anew before each training experience,
-  once they exist. The wrap broadcasts rank 0's parameters and buffers (the new task's
-  random initialisation included), and DDP then averages the gradients of the parameters
-  that require one: exactly what the experience trains; frozen ones are never
-  communicated. Unused trainable parameters are allowed (``find_unused_parameters``):
-  heads that an evaluation created for tasks not trained yet require gradients.
-* Only the forward pass goes through the wrapper: ``strategy.model`` is the DDP module
-  from ``before_forward`` to ``after_forward``, where Avalanche's ``avalanche_forward``
-  passes the task labels on to the wrapped ``MultiTaskModule``; every other hook sees the
-  network itself. The gradient hooks DDP registers average the gradients during backward.
-* Evaluation is not wrapped, and not sharded: Avalanche's ``make_eval_dataloader``
-  applies a ``DistributedSampler`` too, so ``before_eval_exp`` (which runs right after
-  it) rebuilds the loader over the whole experience with the same arguments. Every
-  process evaluates every sample, and all report the metrics of the full stream.
+  global batch is ``world_size * train_mb_size``. Avalanche builds that sampler anew (seed
+  0, epoch 0) for every pass over the data; the plugin gives each pass its own order
+  instead (from the run's seed and the training iterations so far, which a checkpoint
+  keeps), as one process's shuffling does.
+* Every process starts each training experience from rank 0's parameters and buffers
+  (task parameters, created per experience by the network's adaptation, included), and
+  after every backward pass the gradients of what the optimizer steps are averaged over
+  the processes: the gradient of the mean loss over the global batch, so every process
+  takes the same step. Frozen parameters are never communicated. This is what
+  ``DistributedDataParallel`` does, done after the backward pass instead of inside it:
+  regularisers such as EWC's and SI's penalties reach parameters that the forward pass
+  does not use (earlier tasks' heads), which DDP's gradient hooks refuse.
+* BatchNorm layers that train (``train_base_first``, the baselines) normalise over each
+  process's own batch; after the experience every process keeps rank 0's statistics, as
+  DDP's buffer broadcast does.
+* Evaluation is not sharded: Avalanche's ``make_eval_dataloader`` applies a
+  ``DistributedSampler`` too, so ``before_eval_exp`` (which runs right after it) rebuilds
+  the loader over the whole experience with the same arguments. Every process evaluates
+  every sample, and all hold the metrics of the full stream.
 """
 from __future__ import annotations
 
-import argparse
-import json
+import contextlib
 import os
-from pathlib import Path
+from collections.abc import Iterator
 
 import torch
-from avalanche.benchmarks.utils.data_loader import SingleDatasetDataLoader
+import torch.distributed as dist
+from avalanche.benchmarks.utils.data_loader import MultiDatasetDataLoader, SingleDatasetDataLoader
 from avalanche.core import SupervisedPlugin
 from avalanche.distributed import DistributedHelper
-from avalanche.evaluation.metrics import accuracy_metrics
-from avalanche.training.plugins import EvaluationPlugin
-from torch.nn.parallel import DistributedDataParallel
-
-from .models import create_backbone
-from .benchmarks import split_digits
-from .export import export_task
-from .strategies import RKR, MaskRKR, MethodStrategy, Piggyback
-
-STRATEGIES = {"rkr": RKR, "piggyback": Piggyback, "mask-rkr": MaskRKR}
 
 
-def init_distributed(seed: int = 0, backend: str | None = None) -> torch.device:
-    """Join the process group that torchrun describes (a no-op without torchrun) and
-    return this process's device (``cuda:<local rank>`` or ``cpu``)."""
-    if not DistributedHelper.is_distributed and "LOCAL_RANK" in os.environ:
-        DistributedHelper.init_distributed(seed, backend=backend,
-                                           use_cuda=torch.cuda.is_available())
-    else:
-        DistributedHelper.set_random_seeds(seed)
-    return DistributedHelper.make_device()
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[None]:
+    """Inside: a member of the process group that torchrun's environment describes, with
+    gloo for a CPU ``device`` and nccl for CUDA. A no-op outside torchrun, or when the
+    group is joined already (then whoever joined it leaves it)."""
+    join = "LOCAL_RANK" in os.environ and not dist.is_initialized()
+    if join:
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(_local_rank())
+        dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield
+    finally:
+        if join:
+            dist.destroy_process_group()
+
+
+def process_device(device: str) -> torch.device:
+    """This process's ``device``: ``cuda`` is the GPU of the local rank in a process group."""
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None and dist.is_initialized():
+        return torch.device("cuda", _local_rank())
+    return resolved
 
 
 class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
-    """Averages the gradients of each training experience over the processes (DDP);
-    every process evaluates the whole of each evaluation experience.
+    """Trains one model in every process: each starts an experience from rank 0's model,
+    averages its gradients with the others' after every backward pass, and keeps rank 0's
+    buffers after the experience; each epoch has a sample order of its own (from ``seed``
+    and the training iterations so far). Every process evaluates the whole of each
+    evaluation experience.
 
+    Put it first in ``strategy.plugins`` (``strategy.plugins.insert(0, plugin)``), so
+    that every other plugin sees averaged gradients and the same model in every process.
     A no-op when the process group is not initialised, so the same script runs on one
     process unchanged.
     """
 
-    def __init__(self):
+    def __init__(self, seed: int = 0):
         super().__init__()
-        self.ddp: DistributedDataParallel | None = None
+        self.seed = seed
 
     def before_training_exp(self, strategy, **kwargs):
-        if not DistributedHelper.is_distributed:
-            return
-        devices = [strategy.device] if strategy.device.type == "cuda" else None
-        self.ddp = DistributedDataParallel(strategy.model, device_ids=devices,
-                                           find_unused_parameters=True)
+        if DistributedHelper.is_distributed:
+            _broadcast([*strategy.model.parameters(), *strategy.model.buffers()])
 
-    def before_forward(self, strategy, **kwargs):
-        if self.ddp is not None:
-            strategy.model = self.ddp
+    def before_training_epoch(self, strategy, **kwargs):
+        loader = strategy.dataloader
+        if isinstance(loader, MultiDatasetDataLoader) and loader.distributed_sampling:
+            _order_samplers(loader, self.seed, strategy.clock.train_iterations)
 
-    def after_forward(self, strategy, **kwargs):
-        if self.ddp is not None:
-            strategy.model = self.ddp.module
+    def after_backward(self, strategy, **kwargs):
+        if DistributedHelper.is_distributed:
+            _average_gradients([p for group in strategy.optimizer.param_groups
+                                for p in group["params"] if p.grad is not None])
 
     def after_training_exp(self, strategy, **kwargs):
-        self.ddp = None  # its gradient hooks go with it
+        if DistributedHelper.is_distributed:  # statistics of each process's batches
+            _broadcast(list(strategy.model.buffers()))
 
     def before_eval_exp(self, strategy, **kwargs):
         # make_eval_dataloader (run just before) shards the experience and ignores
@@ -103,90 +119,48 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
                 distributed_sampling=False, ffcv_args=loader.ffcv_args, **loader.loader_kwargs)
 
 
-class _SampleCount(SupervisedPlugin, supports_distributed=True):
-    """Counts the samples that evaluation runs through the model."""
-
-    def __init__(self):
-        super().__init__()
-        self.samples = 0
-
-    def after_eval_iteration(self, strategy, **kwargs):
-        self.samples += len(strategy.mb_y)
+def _flat_groups(tensors: list[torch.Tensor]) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """``tensors`` by dtype, each group with one flat copy of its values: one collective
+    per dtype instead of one per tensor."""
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        group = [t for t in tensors if t.dtype == dtype]
+        yield group, torch.cat([t.reshape(-1) for t in group])
 
 
-def _digits(img_size: int):
-    return split_digits(n_experiences=5, image_size=img_size, channels=3)
+def _unflatten(group: list[torch.Tensor], flat: torch.Tensor) -> None:
+    for tensor, values in zip(group, flat.split([t.numel() for t in group])):
+        tensor.copy_(values.view_as(tensor))
 
 
-def train_digits(method: str, experiences: int = 2, model: str = "test_resnet",
-                 img_size: int = 16, batch: int = 16, epochs: int = 1, lr: float = 0.05,
-                 shuffle: bool = True, seed: int = 0,
-                 device: torch.device | None = None) -> MethodStrategy:
-    """Train ``method`` over the first ``experiences`` tasks of split digits (offline),
-    ``batch`` samples per process and step (and per evaluation step), with SGD; returns
-    the strategy, whose ``model`` is the network."""
-    device = device or init_distributed(seed)
-    torch.manual_seed(seed)
-    backbone = create_backbone(model, 2, img_size=img_size)
-    strategy = STRATEGIES[method](
-        model=backbone, optimizer=torch.optim.SGD(backbone.parameters(), lr=lr),
-        train_mb_size=batch, train_epochs=epochs, eval_mb_size=batch, device=device,
-        plugins=[DistributedPlugin()],
-        evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]))
-    for exp in _digits(img_size).train_stream[:experiences]:
-        # drop_last: every process takes equally many full batches
-        strategy.train(exp, eval_streams=[], shuffle=shuffle, drop_last=True)
-    return strategy
+@torch.no_grad()
+def _broadcast(tensors: list[torch.Tensor]) -> None:
+    """Rank 0's values of ``tensors`` in every process."""
+    for group, flat in _flat_groups(tensors):
+        dist.broadcast(flat, src=0)
+        _unflatten(group, flat)
 
 
-def evaluate_digits(strategy: MethodStrategy, experiences: int = 2,
-                    img_size: int = 16) -> dict:
-    """Evaluate a :func:`train_digits` strategy on the first ``experiences`` tasks of the
-    split digits test stream: Avalanche's accuracy of each (by metric name) and the
-    number of samples evaluated."""
-    count = _SampleCount()
-    strategy.plugins.append(count)
-    accuracy = strategy.eval(_digits(img_size).test_stream[:experiences])
-    strategy.plugins.remove(count)
-    return {"accuracy": accuracy, "samples": count.samples}
+@torch.no_grad()
+def _average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Every process's ``grad`` of ``params`` becomes the mean over the processes (the
+    gradient of the mean loss over the global batch, when the processes' batches have
+    the same size)."""
+    for group, flat in _flat_groups([p.grad for p in params]):
+        dist.all_reduce(flat)
+        _unflatten(group, flat.div_(dist.get_world_size()))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", choices=sorted(STRATEGIES), default="rkr")
-    parser.add_argument("--model", default="test_resnet", help="a timm model name")
-    parser.add_argument("--img-size", type=int, default=16)
-    parser.add_argument("--experiences", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=16, help="samples per process and step")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--no-shuffle", dest="shuffle", action="store_false")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default=None, help="default: nccl on CUDA, else gloo")
-    parser.add_argument("--out", type=Path, help="export every task to OUT/rank<r>/")
-    parser.add_argument("--eval", action="store_true",
-                        help="then evaluate the trained tasks on the test stream (with "
-                             "--out: to OUT/rank<r>/eval.json)")
-    args = parser.parse_args(argv)
-    device = init_distributed(args.seed, args.backend)
-    strategy = train_digits(args.method, args.experiences, args.model, args.img_size,
-                            args.batch, args.epochs, args.lr, args.shuffle, args.seed, device)
-    net, rank = strategy.model, DistributedHelper.rank
-    folder = None if args.out is None else args.out / f"rank{rank}"
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        for task in net.trained_tasks:
-            export_task(net, task, folder / f"task{task}.safetensors")
-    print(f"rank {rank}/{DistributedHelper.world_size}: trained tasks {net.trained_tasks}")
-    if args.eval:
-        result = evaluate_digits(strategy, args.experiences, args.img_size)
-        print(f"rank {rank}: {result['samples']} test samples, accuracy {result['accuracy']}")
-        if folder is not None:
-            (folder / "eval.json").write_text(json.dumps(result, indent=1))
-    if DistributedHelper.is_distributed:
-        torch.distributed.destroy_process_group()
+def _order_samplers(loader: MultiDatasetDataLoader, seed: int, epoch: int) -> None:
+    """Make the ``DistributedSampler`` that ``loader`` builds at its next pass draw the
+    order of (``seed``, ``epoch``). Avalanche builds its samplers in the static
+    ``_create_samplers`` at every pass; an attribute of the loader takes its place."""
+    create = type(loader)._create_samplers
 
+    def create_ordered(*args, **kwargs):
+        samplers = create(*args, **kwargs)
+        for batches in samplers:  # BatchSampler over a DistributedSampler
+            batches.sampler.seed = seed
+            batches.sampler.set_epoch(epoch)
+        return samplers
 
-if __name__ == "__main__":
-    main()
+    loader._create_samplers = create_ordered

@@ -16,6 +16,12 @@ their end). The same command run again resumes after the last finished experienc
 (finished strategies are not retrained) and gives the same results; a checkpoint from
 another configuration is an error (pass --restart to start over).
 
+Several processes: torchrun --nproc_per_node N -m avalanche_maskrkr run ... (gloo on
+CPU, nccl on CUDA, one GPU per process). Each process trains its shard of every batch of
+--batch-size samples (the global batch is N times that) and averages its gradients with
+the others' (avalanche_maskrkr.distributed); the first one writes and prints. Resuming
+needs the same N.
+
 Each strategy has its own default learning rate (DEFAULT_LR in avalanche_maskrkr.config,
 measured on digits: mask scores and the methods' small factors want different rates than
 whole networks); --lr sets one rate for all. Method and baseline options are documented
@@ -33,6 +39,7 @@ import numpy as np
 import pandas as pd
 import timm
 import torch
+from avalanche.distributed import DistributedHelper
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from tqdm.auto import tqdm
@@ -52,6 +59,7 @@ from .config import (
     strategy_lr,
     strategy_options,
 )
+from .distributed import DistributedPlugin, process_device, process_group
 from .evaluation import (
     MetricHistory,
     ParameterCost,
@@ -117,12 +125,20 @@ def build_strategy(config: RunConfig, variant: Variant, num_classes: int) -> Sup
                                           channels_last=config.channels_last))
     # Metrics that keep no state between experiences: a checkpoint's history suffices.
     evaluator = make_evaluator(extra_metrics=[ParameterCost()], resumable=True)
-    return STRATEGIES[variant.strategy](
+    strategy = STRATEGIES[variant.strategy](
         functools.partial(build_backbone, config), num_classes, make_optimizer,
         strategy_options(config, variant), criterion=nn.CrossEntropyLoss(),
         train_mb_size=config.batch_size, train_epochs=config.epochs,
-        eval_mb_size=config.eval_batch_size, device=config.device,
+        eval_mb_size=config.eval_batch_size, device=process_device(config.device),
         evaluator=evaluator, plugins=plugins)
+    if DistributedHelper.is_distributed:
+        # First, so that every other plugin sees averaged gradients and one model in every
+        # process: each plugin then does in every process what it does in one, which
+        # Avalanche's check of its plugins' flags (a warning per plugin) cannot know.
+        strategy.plugins.insert(0, DistributedPlugin(config.seed))
+        for plugin in strategy.plugins:
+            plugin.supports_distributed = True
+    return strategy
 
 
 def seed_everything(seed: int) -> None:
@@ -162,7 +178,7 @@ def _run_variant(config: RunConfig, variant: Variant, scenario, path: Path,
                         if name.startswith("Top1_Acc_Exp/") and name.endswith(f"/Exp{k:03d}"))
         bar.set_postfix(acc=f"{accuracy:.3f}")
         bar.update(1)
-        if resumable or k == n - 1:
+        if (resumable or k == n - 1) and DistributedHelper.is_main_process:
             save_checkpoint(path, {"config": checkpoint_config(config, variant),
                                    "next_experience": k + 1, **capture(strategy)})
         if after_experience is not None:
@@ -180,41 +196,61 @@ def run(config: RunConfig, variants: Sequence[Variant] | None = None,
     given ``scenario`` of a resolved config), resuming from the checkpoints under
     ``out``; write and return the results.
 
+    Launched by torchrun, every process trains its shard of each batch
+    (:mod:`.distributed`); the first one alone writes the checkpoints, results and plots,
+    and prints. Every process returns the result.
+
     Raises:
         CheckpointError: a checkpoint is unreadable or from another configuration
             (nothing is trained or written then).
     """
     config = resolve(config)
-    variants = list(variants or [Variant(s, s) for s in config.strategies])
+    with process_group(config.device):
+        return _run(config, list(variants or [Variant(s, s) for s in config.strategies]),
+                    after_experience, scenario)
+
+
+def _run(config: RunConfig, variants: list[Variant], after_experience: ExperienceHook | None,
+         scenario) -> RunResult:
+    writer = DistributedHelper.is_main_process
     out = Path(config.out)
     paths = {v.label: _checkpoint_path(out, v.label) for v in variants}
-    if config.restart:
+    if config.restart and writer:
         for path in paths.values():
             path.unlink(missing_ok=True)
+    DistributedHelper.barrier()
     saved = {v.label: read_checkpoint(paths[v.label], checkpoint_config(config, v))
              for v in variants}
     scenario = scenario or build_benchmark(config)
-    _announce(config, len(scenario.train_stream), saved)
+    if writer:
+        _announce(config, len(scenario.train_stream), saved)
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads or threads)
     try:
-        with tqdm(total=len(scenario.train_stream) * len(variants), unit="task") as bar:
+        with tqdm(total=len(scenario.train_stream) * len(variants), unit="task",
+                  disable=not writer) as bar:
             histories = {v.label: _run_variant(config, v, scenario, paths[v.label],
                                                saved[v.label], bar, after_experience)
                          for v in variants}
     finally:
         torch.set_num_threads(threads)
     result = _summarise(config, histories, scenario)
-    print(format_table(result.summary))
-    print(f"results in {config.out}")
+    if writer:
+        write_results(config.out, result.summary, result.matrices)
+        plot_all(config.out, result.summary, result.matrices)
+        print(format_table(result.summary))
+        print(f"results in {config.out}")
     return result
 
 
 def _announce(config: RunConfig, tasks: int, saved: Mapping[str, dict | None]) -> None:
     weights = config.weights or ("timm's pretrained weights" if config.pretrained
                                  else "random weights")
+    processes = DistributedHelper.world_size
     print(f"{config.benchmark}: {tasks} tasks; {config.model} at {config.img_size}px from "
-          f"{weights}, on {config.device}.")
+          f"{weights}, on {config.device}" + (
+              f" in {processes} processes (batch {config.batch_size} each)."
+              if processes > 1 else "."))
     print("The methods and multi-head " + (
         "train the base network with the first task and freeze it afterwards "
         "(train_base_first, the original RKR protocol)." if config.options["train_base_first"]
@@ -237,7 +273,4 @@ def _summarise(config: RunConfig, histories: Mapping[str, MetricHistory],
         rows.append(summary_row(label, matrices[label], round(total),
                                 round(100 * (total - single) / single, 3),
                                 total_train_time(history)))
-    summary = summary_frame(rows)
-    write_results(config.out, summary, matrices)
-    plot_all(config.out, summary, matrices)
-    return RunResult(config, summary, matrices)
+    return RunResult(config, summary_frame(rows), matrices)
