@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,16 +15,17 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from matplotlib.figure import Figure
 from miniatures import write_decathlon
+from PIL import Image
 
-from avalanche_maskrkr import cli, convert, runner
+from avalanche_maskrkr import cli, convert, plots, runner
 from avalanche_maskrkr.benchmarks.decathlon import DEFAULT_DOMAINS
 from avalanche_maskrkr.accounting import method_cost
 from avalanche_maskrkr.checkpoint import WeightsError, load_weights
 from avalanche_maskrkr.config import ConfigError, RunConfig, Variant, resolve
 
 HEADER = "strategy,avg_accuracy,forgetting,total_params,overhead_pct,train_seconds"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAST = ["--epochs", "1", "--tasks", "2"]
 
 
@@ -57,7 +59,29 @@ def test_no_arguments_is_the_default_job() -> None:
     assert parse(["--rank", "4", "--no-mask-sfg"]).options == {"rank": 4, "mask_sfg": False}
 
 
-def test_default_job_writes_summary_matrices_and_plots(tmp_path, capsys) -> None:
+def _forgetting(matrix: np.ndarray) -> float:
+    """Mean over the earlier tasks of their best accuracy before the last task minus the
+    last (Chaudhry et al. 2018), by hand."""
+    last = len(matrix) - 1
+    return float(np.mean([max(matrix[i, j] for i in range(j, last)) - matrix[last, j]
+                          for j in range(last)]))
+
+
+@pytest.fixture
+def figures(monkeypatch) -> dict[str, Figure]:
+    """File name -> the matplotlib figure that the runner's plots saved there."""
+    saved = {}
+    save = plots._save
+
+    def record(fig: Figure, path) -> Path:
+        saved[Path(path).name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", record)
+    return saved
+
+
+def test_default_job_writes_summary_matrices_and_plots(tmp_path, capsys, figures) -> None:
     cli.main(["run", "--epochs", "1", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "train_base_first" in printed and "| mask-rkr |" in printed
@@ -66,21 +90,45 @@ def test_default_job_writes_summary_matrices_and_plots(tmp_path, capsys) -> None
     summary = pd.read_csv(tmp_path / "summary.csv")
     strategies = ["rkr", "piggyback", "mask-rkr", "naive", "single", "ewc", "lwf"]
     assert summary["strategy"].tolist() == strategies
-    assert summary["avg_accuracy"].between(0, 1).all()
     by_name = summary.set_index("strategy")
     # The methods and separate models never change a finished task.
     assert (by_name.loc[["rkr", "piggyback", "mask-rkr", "single"], "forgetting"] == 0).all()
     assert by_name.loc["single", "overhead_pct"] == pytest.approx(400.0)  # 5 whole models
     assert by_name.loc["naive", "total_params"] < by_name.loc["rkr", "total_params"]
-    assert (summary["train_seconds"] > 0).all()
     for name in strategies:
-        matrix = pd.read_csv(tmp_path / f"accuracy_matrix_{name}.csv", index_col=0)
+        matrix = pd.read_csv(tmp_path / f"accuracy_matrix_{name}.csv", index_col=0).to_numpy()
         assert matrix.shape == (5, 5)
-        assert np.isnan(matrix.to_numpy()[0, 1])  # tasks are evaluated once trained
-        for plot in (f"accuracy_heatmap_{name}.png", f"task_curves_{name}.png"):
-            assert (tmp_path / plot).read_bytes().startswith(PNG_MAGIC)
-    assert (tmp_path / "strategy_bars.png").read_bytes().startswith(PNG_MAGIC)
-    assert (tmp_path / "accuracy_vs_overhead.png").read_bytes().startswith(PNG_MAGIC)
+        assert np.isnan(matrix[np.triu_indices(5, 1)]).all()  # tasks evaluated once trained
+        assert not np.isnan(matrix[np.tril_indices(5)]).any()
+        # The summary is computed from the written matrix...
+        assert by_name.loc[name, "avg_accuracy"] == pytest.approx(matrix[-1].mean(), abs=1e-12)
+        assert by_name.loc[name, "forgetting"] == pytest.approx(_forgetting(matrix), abs=1e-12)
+        # ...and its training time from the epochs the checkpoint's history timed.
+        history = torch.load(tmp_path / "checkpoints" / f"{name}.pt",
+                             weights_only=True)["metrics"]
+        epochs = [v for metric, (_, values) in history.items()
+                  if metric.startswith("Time_Epoch/train_phase/") for v in values]
+        assert len(epochs) == 5 and min(epochs) > 0  # 1 epoch x 5 tasks
+        assert by_name.loc[name, "train_seconds"] == pytest.approx(sum(epochs), rel=1e-9)
+        # The plots show that matrix.
+        heatmap = figures[f"accuracy_heatmap_{name}.png"].axes[0].images[0].get_array()
+        np.testing.assert_array_equal(np.ma.filled(heatmap, np.nan), matrix)
+        curves = figures[f"task_curves_{name}.png"].axes[0].lines
+        assert len(curves) == 5
+        for j, line in enumerate(curves):
+            np.testing.assert_array_equal(line.get_ydata(), matrix[j:, j])
+    accuracy_bars, forgetting_bars = figures["strategy_bars.png"].axes[:2]
+    for axes, column in ((accuracy_bars, "avg_accuracy"), (forgetting_bars, "forgetting")):
+        np.testing.assert_allclose([bar.get_height() for bar in axes.patches],
+                                   summary[column], atol=1e-12)
+    points = figures["accuracy_vs_overhead.png"].axes[0].collections[0].get_offsets()
+    np.testing.assert_allclose(points, summary[["overhead_pct", "avg_accuracy"]], atol=1e-12)
+    # Each PNG is its figure, rendered at the plots' 120 dpi.
+    assert len(figures) == 2 + 2 * len(strategies)
+    for file, fig in figures.items():
+        with Image.open(tmp_path / file) as png:
+            assert png.format == "PNG"
+            assert png.size == tuple(round(side * 120) for side in fig.get_size_inches())
     # The checkpoint's model restores into a fresh network, whose cost is the summary's.
     state = torch.load(tmp_path / "checkpoints" / "rkr.pt", weights_only=True)
     net = convert(timm.create_model("test_resnet", num_classes=2), "rkr", train_base_first=True)
