@@ -129,9 +129,11 @@ class MaskRKROptions(MethodOptions):
     """Mask-RKR: RKR factors learned on the first task, binary masks over them afterwards.
 
     ``mask_rg`` / ``mask_sfg``: mask the rectification generator / the scaling factors
-    (an unmasked generator is learned per task, as in RKR). ``mask_placement``:
-    ``"factors"`` (separate masks on LM and RM, default), ``"product"`` (one mask on R,
-    1 bit per weight) or ``"none"`` (no mask on the RG, same as ``mask_rg=False``).
+    (an unmasked generator is learned per task, as in RKR): the RG-only and SFG-only
+    ablations. ``mask_placement``: ``"factors"`` (separate masks on LM and RM, default),
+    ``"product"`` (one mask on R, 1 bit per weight) or ``"none"`` (no mask at all,
+    whatever ``mask_rg`` and ``mask_sfg`` say: RKR, SPEC's placement (1); with RKR's
+    ``bn_policy`` it trains, stores and counts what RKR does from the same seed).
     """
 
     name: ClassVar[str] = "mask-rkr"

@@ -216,10 +216,12 @@ def test_mask_rkr_product_placement_and_unmasked_generators():
     for out in _all_paths(layer, x, task=1):
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     assert layer.task_cost(1) == (4, base.weight.numel(), 16 + math.ceil(108 / 8))
-    # placement "none" masks no generator: every task learns real LM and RM, as in RKR
-    plain = RKRLayer(nn.Linear(3, 3), TaskContext(), mask_rg=True, placement="none")
+    # placement "none" masks nothing, whatever mask_rg and mask_sfg say: RKR
+    plain = RKRLayer(nn.Linear(3, 4), TaskContext(), mask_rg=True, mask_sfg=True,
+                     placement="none")
     plain.add_task(0), plain.add_task(1)
-    assert isinstance(plain.tasks["1"].lm, nn.Parameter)
+    assert all(isinstance(getattr(plain.tasks["1"], n), nn.Parameter) for n in ("lm", "rm", "f"))
+    assert plain.task_cost(1) == (2 * (3 + 4) + 4, 0, (2 * (3 + 4) + 4) * 4)
 
 
 def test_bit_packing_round_trips_and_freezing_keeps_outputs():

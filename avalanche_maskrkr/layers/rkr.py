@@ -23,7 +23,9 @@ Mask-RKR (Takeda & Yanai 2022): LM, RM and F are learned on the first task only;
 later task learns binary masks over them (:class:`BinaryMask`): R_t = (LM*M^L_t)(RM*M^R_t),
 F_t = F * M^F_t. ``mask_rg`` / ``mask_sfg`` choose which generator is masked; a generator
 that is not masked gets real-valued per-task parameters as in RKR, so masking nothing is
-RKR. ``placement="product"`` puts one mask on the full product R instead of LM and RM.
+RKR. ``placement`` says where the masks go: ``"factors"`` (on LM and RM),
+``"product"`` (one mask on the full product R instead) or ``"none"`` (no mask at all,
+whatever ``mask_rg`` and ``mask_sfg`` say: RKR).
 
 Training runs the fused :func:`~.functional.rectified` over the frozen base: per call it
 either folds F * (W + R) into one weight or adds the rank-K path of :mod:`.rank_path` to
@@ -78,7 +80,7 @@ class RKRLayer(TaskAdaptedLayer):
         self.lm_shape = (n_split, self.kh * in_ch, rank)
         self.rm_shape = (n_split, rank, self.kw * out_ch // n_split)
         self.mask_rg = mask_rg and placement != "none"
-        self.mask_sfg = mask_sfg
+        self.mask_sfg = mask_sfg and placement != "none"
         self.placement = placement
         self.mask_init, self.mask_threshold = mask_init, mask_threshold
         self.path = "auto"
