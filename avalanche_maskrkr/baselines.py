@@ -20,7 +20,6 @@ What each baseline stores is counted in :mod:`.baseline_accounting`.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -43,6 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .conversion import find_classifier
 from .network import experience_tasks
+from .plugins import clear_state
 
 BackboneFactory = Callable[[int], nn.Module]
 """``num_classes -> model``: a fresh backbone with its classifier (weights loaded)."""
@@ -225,11 +225,11 @@ def _own_copies(snapshots: Mapping[str, ParamData]) -> None:
 
 
 class FreshOptimizerState(SupervisedPlugin):
-    """Empties the optimizer state (momenta) before every training experience, so that an
-    experience's training depends only on the model it starts from."""
+    """Empties the optimizer state (:func:`~.plugins.clear_state`) before every training
+    experience, as the methods' plugins do."""
 
     def before_training_exp(self, strategy, **kwargs):
-        strategy.optimizer.state = defaultdict(dict)
+        clear_state(strategy.optimizer)
 
 
 class StepDecay(SupervisedPlugin):

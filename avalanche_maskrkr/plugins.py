@@ -47,6 +47,12 @@ def user_settings(optimizer: torch.optim.Optimizer) -> dict:
     return own[0]
 
 
+def clear_state(optimizer: torch.optim.Optimizer) -> None:
+    """Forget ``optimizer``'s state (momenta, step counts), so that the next experience's
+    training depends only on the model it starts from."""
+    optimizer.state = defaultdict(dict)
+
+
 def point_optimizer(optimizer: torch.optim.Optimizer,
                     groups: Mapping[str, list[torch.nn.Parameter]],
                     settings: Mapping, rates: Mapping[str, float]) -> None:
@@ -55,7 +61,7 @@ def point_optimizer(optimizer: torch.optim.Optimizer,
     rate from ``rates``. A group records its role (``"role"``) and its rate before any
     schedule (``"initial_lr"``, which schedules scale)."""
     optimizer.param_groups.clear()
-    optimizer.state = defaultdict(dict)
+    clear_state(optimizer)
     for role, params in groups.items():
         if params:
             optimizer.add_param_group({**settings, "params": params, "role": role,
