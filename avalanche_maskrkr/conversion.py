@@ -32,7 +32,7 @@ import warnings
 
 from torch import nn
 
-from .layers import TaskBatchNorm, TaskBatchStats, TaskContext
+from .layers import TaskBatchNorm, TaskBatchStats, TaskContext, TaskModule
 from .layers.attention import expose_in_proj
 from .network import TaskAwareNetwork
 from .options import MethodOptions, make_options
@@ -113,8 +113,10 @@ def convert(model: nn.Module, method: str | MethodOptions = "rkr", **options) ->
     ``options`` are the method's (see :mod:`avalanche_maskrkr.options`). Returns the
     ``TaskAwareNetwork``; task parameters and heads are created per experience.
     """
-    if isinstance(model, TaskAwareNetwork):
-        raise ValueError("the model is already converted")
+    if isinstance(model, TaskAwareNetwork) or any(isinstance(m, TaskModule)
+                                                  for m in model.modules()):
+        raise ValueError("the model is already converted (in place, by convert or a "
+                         "method's strategy or plugin): convert a model of its own")
     opts = make_options(method, **options)
     head_name = find_classifier(model, opts.head_name)
     feature_dim = model.get_submodule(head_name).in_features

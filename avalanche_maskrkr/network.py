@@ -5,6 +5,11 @@ task labels, ``MultiTaskModule.forward`` splits a mixed minibatch per task, and
 :meth:`forward_single_task` sets the task on the shared :class:`TaskContext` so every
 task layer of the backbone computes that task. Its ``adaptation`` (run by Avalanche
 before each experience) creates the task's parameters and head.
+
+Conversion is in place: the backbone is the user's model object, its classifier replaced
+by Identity and its layers wrapped. Called on its own, outside the network's forward
+(e.g. by a strategy that was given the same model object), it raises an error instead
+of returning features where logits are expected.
 """
 from __future__ import annotations
 
@@ -37,6 +42,28 @@ NEVER_TRAINED = (
     "file; the runner's --pretrained or --weights), or pass train_base_first=True to "
     "train the base with the first task and freeze it afterwards (the original RKR "
     "protocol).")
+
+
+CONVERTED_IN_PLACE = (
+    "This model was converted in place into the backbone of a TaskAwareNetwork "
+    "(avalanche_maskrkr.convert, or an RKR, Piggyback or Mask-RKR strategy or plugin that "
+    "was given it): its classifier is gone and its layers compute the task that the "
+    "network selects, so on its own it would return features, not logits. Call the "
+    "converted network instead (strategy.model, or what convert returned, with task "
+    "labels), or give every other strategy a model of its own (built again, or a "
+    "copy.deepcopy taken before the conversion).")
+
+
+class _CalledByNetworkOnly:
+    """Forward pre-hook of a converted backbone: its network selects a task
+    (``context.task``) around every call, so a call without one comes from outside."""
+
+    def __init__(self, context: TaskContext):
+        self.context = context
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if self.context.task is None:
+            raise RuntimeError(CONVERTED_IN_PLACE)
 
 
 def never_trained(model: nn.Module) -> bool:
@@ -87,6 +114,7 @@ class TaskAwareNetwork(MultiTaskModule):
                           if self._rkr_layers else [])
         for module in self._in_place:
             module.inplace = not self.training
+        backbone.register_forward_pre_hook(_CalledByNetworkOnly(context))
         self.backbone.requires_grad_(False)
         for param in self.base_parameters():
             param.requires_grad_(not self.base_frozen)
@@ -108,14 +136,19 @@ class TaskAwareNetwork(MultiTaskModule):
         self.heads[str(task)] = nn.Linear(self.feature_dim, n_classes, device=base.device,
                                           dtype=base.dtype)
 
+    def refuse_trained(self, tasks: Iterable[int]) -> None:
+        """Raise ``ValueError`` if any of ``tasks`` is already trained."""
+        for task in tasks:
+            if task in self.trained_tasks:
+                raise ValueError(
+                    f"An experience with task label {task} arrived, but task {task} is "
+                    "already trained. RKR, Piggyback and Mask-RKR learn one set of parameters "
+                    "per task and never change a finished task, so every experience needs a "
+                    f"new task label. {STREAM_HINT}")
+
     def add_task(self, task: int, n_classes: int) -> None:
         """Create the parameters and head of ``task`` before it trains."""
-        if task in self.trained_tasks:
-            raise ValueError(
-                f"An experience with task label {task} arrived, but task {task} is already "
-                "trained. RKR, Piggyback and Mask-RKR learn one set of parameters per task "
-                "and never change a finished task, so every experience needs a new task "
-                f"label. {STREAM_HINT}")
+        self.refuse_trained([task])
         if task not in self.adapted_tasks:
             for module in self.task_modules:
                 module.add_task(task)
@@ -131,6 +164,10 @@ class TaskAwareNetwork(MultiTaskModule):
         self.heads[str(task)].requires_grad_(False)
         if task not in self.trained_tasks:
             self.trained_tasks.append(task)
+        self.freeze_base()
+
+    def freeze_base(self) -> None:
+        """Freeze the base network for good (its BatchNorm statistics included)."""
         if not self.base_frozen:
             self.base_frozen = True
             for param in self.base_parameters():
@@ -183,9 +220,15 @@ class TaskAwareNetwork(MultiTaskModule):
 
     # -- Avalanche hooks -----------------------------------------------------------------
     def adaptation(self, experience) -> None:
+        """Avalanche's adaptation (``max_class_label``, ``known_train_tasks_labels``), then
+        each new task's parameters and head; an experience of an already trained task is
+        refused before anything changes."""
+        tasks = experience_tasks(experience)
+        if self.training:
+            self.refuse_trained(tasks)
         super().adaptation(experience)
         n_classes = max(experience.classes_in_this_experience) + 1
-        for task in experience_tasks(experience):
+        for task in tasks:
             if self.training:
                 self.add_task(task, n_classes)
             elif task not in self.trained_tasks and task not in self._warned_untrained:
@@ -195,16 +238,33 @@ class TaskAwareNetwork(MultiTaskModule):
                 if str(task) not in self.heads:
                     self.add_head(task, n_classes)
 
-    def forward(self, x: torch.Tensor, task_labels: torch.Tensor | int | None) -> torch.Tensor:
-        """Avalanche's multi-task forward, with a fast path for a minibatch of one task
-        (the usual case): no copy of the inputs, logits in the head's dtype, padded with
-        zeros to ``max_class_label`` columns as Avalanche pads them."""
-        if isinstance(task_labels, torch.Tensor) and len(task_labels):
-            first = task_labels[0]
-            if bool((task_labels == first).all()):
-                out = self.forward_single_task(x, int(first))
-                return nn.functional.pad(out, (0, max(0, self.max_class_label - out.shape[1])))
-        return super().forward(x, task_labels)
+    def forward(self, x: torch.Tensor, task_labels: torch.Tensor | int | None
+                ) -> torch.Tensor | dict[int, torch.Tensor]:
+        """Avalanche's multi-task forward: (batch, ...) inputs and (batch,) task labels ->
+        (batch, ``max_class_label``) logits in the heads' dtype, each row padded after
+        its task's classes with the dtype's lowest finite value. Avalanche pads with
+        zeros, which win the argmax over a task whose logits are all negative and enter
+        the loss; this padding never wins, and cross-entropy gives it probability 0 and
+        gradient 0. A minibatch of one task (the usual case) is computed without copying
+        the inputs. An ``int`` label, ``None`` (every trained task) or no label at all:
+        as Avalanche."""
+        if not isinstance(task_labels, torch.Tensor) or not len(task_labels):
+            return super().forward(x, task_labels)
+        if bool((task_labels == task_labels[0]).all()):
+            return self._padded(self.forward_single_task(x, int(task_labels[0])))
+        rows, outputs = [], []
+        for task in task_labels.unique().tolist():
+            selected = task_labels == task
+            rows.append(selected.nonzero().flatten())
+            outputs.append(self._padded(self.forward_single_task(x[selected], task)))
+        return torch.cat(outputs)[torch.cat(rows).argsort()]
+
+    def _padded(self, logits: torch.Tensor) -> torch.Tensor:
+        """(batch, classes) logits padded to (batch, ``max_class_label``) (see :meth:`forward`)."""
+        missing = self.max_class_label - logits.shape[1]
+        if missing <= 0:
+            return logits
+        return nn.functional.pad(logits, (0, missing), value=torch.finfo(logits.dtype).min)
 
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
         """(batch, ...) inputs of one task -> (batch, classes of that task) logits."""
@@ -256,11 +316,13 @@ class TaskAwareNetwork(MultiTaskModule):
                 "adapted_tasks": list(self.adapted_tasks),
                 "trained_tasks": list(self.trained_tasks),
                 "base_frozen": self.base_frozen,
-                "max_class_label": self.max_class_label}
+                "max_class_label": self.max_class_label,
+                "known_train_tasks_labels": sorted(self.known_train_tasks_labels)}
 
     def set_extra_state(self, state: dict) -> None:
         """Recreate the tasks recorded in ``state`` so that loading a state dict into a
-        freshly converted network restores every task (loaded before the children)."""
+        freshly converted network restores every task (loaded before the children), and
+        what Avalanche's ``MultiTaskModule`` keeps."""
         for task in state["adapted_tasks"]:
             if task not in self.adapted_tasks:
                 self.add_task(task, state["task_classes"][task])
@@ -269,8 +331,9 @@ class TaskAwareNetwork(MultiTaskModule):
                 self.add_head(task, n_classes)
         for task in state["trained_tasks"]:
             self.finish_task(task)
-        if state["base_frozen"] and not self.base_frozen:
-            self.base_frozen = True
-            for param in self.base_parameters():
-                param.requires_grad_(False)
+        if state["base_frozen"]:
+            self.freeze_base()
         self.max_class_label = state["max_class_label"]
+        # states saved before it was recorded: Avalanche adds every task trained
+        self.known_train_tasks_labels = set(
+            state.get("known_train_tasks_labels", state["adapted_tasks"]))

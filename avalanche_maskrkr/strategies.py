@@ -9,6 +9,12 @@ options of :class:`~avalanche_maskrkr.acceleration.AccelerationPlugin` (``precis
 ``channels_last``, ``compile``, ``recompile_limit``): any of them other than its default
 appends that plugin. The model is converted at construction, so ``strategy.model`` is the
 :class:`~avalanche_maskrkr.network.TaskAwareNetwork` from the start.
+
+The conversion is in place, without a copy (a large backbone is never held twice): the
+model object given becomes the network's backbone, its classifier replaced and its
+layers wrapped and frozen. Give any other strategy a model of its own: called on its own
+(e.g. by ``Naive(model=model)`` built afterwards) the converted model raises an error
+that says so, and converting it again is refused.
 """
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
 """Behaviour of the strategies and plugins inside Avalanche (SPEC sections 1-3)."""
+import copy
+import inspect
 import warnings
 
 import pytest
@@ -13,8 +15,9 @@ from avalanche.training.plugins import EvaluationPlugin
 from sklearn.datasets import load_digits
 
 import avalanche_maskrkr as amr
+from avalanche_maskrkr.accounting import method_cost
 from avalanche_maskrkr.benchmarks import split_digits
-from avalanche_maskrkr.layers import BinaryMask
+from avalanche_maskrkr.layers import BinaryMask, TaskBatchNorm, TaskBatchStats
 from backbones import BACKBONES, DIGITS_KW, mlp
 
 STRATEGIES = {"rkr": amr.RKR, "piggyback": amr.Piggyback, "mask-rkr": amr.MaskRKR}
@@ -124,12 +127,27 @@ def test_repeated_task_label_is_refused_and_leaves_the_task_intact():
     class_incremental = nc_benchmark(data, data, n_experiences=5, task_labels=False, seed=0)
     strategy = _strategy("rkr", mlp())
     strategy.train(class_incremental.train_stream[0])
-    before = {k: v.clone() for k, v in strategy.model.state_dict().items()
-              if isinstance(v, torch.Tensor)}
+    model = strategy.model
+
+    def snapshot():
+        model.eval()
+        with torch.no_grad():
+            outputs = [model(x[:8], torch.zeros(8, dtype=torch.long)), model(x[:8], None)]
+        return (copy.deepcopy(model.state_dict()), model.max_class_label,
+                set(model.known_train_tasks_labels), outputs)
+
+    before = snapshot()
     with pytest.raises(ValueError, match=r"task label 0.*task_labels=True"):
         strategy.train(class_incremental.train_stream[1])
-    after = strategy.model.state_dict()
-    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    after = snapshot()
+    assert before[0].keys() == after[0].keys()
+    for key, value in before[0].items():  # tensors and the task structure alike
+        assert torch.equal(value, after[0][key]) if isinstance(value, torch.Tensor) \
+            else value == after[0][key], key
+    assert before[1:3] == after[1:3]
+    (padded, every_task), (padded_after, every_task_after) = before[3], after[3]
+    assert torch.equal(padded, padded_after) and every_task.keys() == every_task_after.keys()
+    assert all(torch.equal(every_task[t], every_task_after[t]) for t in every_task)
 
 
 class _OptimizerSpy(SupervisedPlugin):
@@ -185,6 +203,79 @@ def test_state_dict_round_trip_with_packed_masks(method):
     x = bench.test_stream[0].dataset[0][0].unsqueeze(0)
     for t in range(3):
         assert torch.equal(_outputs(strategy, x, t), fresh.eval()(x, t))
+    # what Avalanche's MultiTaskModule keeps: the known tasks (model(x, None)) and width
+    assert fresh.known_train_tasks_labels == strategy.model.known_train_tasks_labels == {0, 1, 2}
+    assert fresh.max_class_label == strategy.model.max_class_label == 2
+    every_task = _outputs(strategy, x, None)
+    with torch.no_grad():
+        restored = fresh(x, None)
+    assert sorted(restored) == [0, 1, 2]
+    assert all(torch.equal(restored[t], every_task[t]) for t in range(3))
+
+
+def test_defaults_are_spec_s():
+    """SPEC section 3: K=2, masks initialised at 1e-2 with threshold 5e-3, fused qkv split
+    in three, BatchNorm frozen for RKR; as the strategies' signatures say and as built."""
+    signature = {name: {p.name: p.default for p in
+                        inspect.signature(cls.__init__).parameters.values()}
+                 for name, cls in STRATEGIES.items()}
+    assert signature["rkr"]["rank"] == signature["mask-rkr"]["rank"] == 2
+    assert signature["rkr"]["bn_policy"] == "frozen"
+    for method in ("piggyback", "mask-rkr"):
+        assert (signature[method]["mask_init"], signature[method]["mask_threshold"]) == (1e-2, 5e-3)
+    assert all(signature[method]["split_qkv"] is True for method in STRATEGIES)
+    assert (signature["mask-rkr"]["mask_rg"], signature["mask-rkr"]["mask_sfg"],
+            signature["mask-rkr"]["mask_placement"]) == (True, True, "factors")
+    vit = _strategy("rkr", BACKBONES["vit"]()).model
+    qkv = [m for name, m in vit.named_modules() if name.endswith("attn.qkv")]
+    assert qkv and all((m.n_split, m.rank) == (3, 2) for m in qkv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a random base: "its statistics never updated"
+        resnet = _strategy("rkr", BACKBONES["resnet"]()).model.train()
+    norms = [m for m in resnet.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+    assert not any(isinstance(m, (TaskBatchNorm, TaskBatchStats)) for m in resnet.modules())
+    masked = _strategy("mask-rkr", mlp()).model
+    masked.add_task(0, 2), masked.add_task(1, 2)
+    masks = [m for m in masked.modules() if isinstance(m, BinaryMask)]
+    assert masks and all(m.threshold == 5e-3 and bool((m.scores == 1e-2).all()) for m in masks)
+
+
+def test_mask_placement_none_is_rkr():
+    """SPEC section 3, placement (1): no mask at all and RKR's BatchNorm policy, so from the
+    same seed the same parameters, outputs and parameter count as RKR."""
+    bench = split_digits(**DIGITS_KW["resnet"])
+    networks = []
+    for method, options in (("rkr", {}), ("mask-rkr", {"mask_placement": "none"})):
+        torch.manual_seed(0)
+        strategy = _strategy(method, BACKBONES["resnet"](), train_base_first=True, **options)
+        for exp in bench.train_stream[:2]:
+            strategy.train(exp)
+        networks.append(strategy.model)
+    rkr, none = networks
+    assert not any(isinstance(m, BinaryMask) for m in none.modules())
+    rkr_state, none_state = rkr.state_dict(), none.state_dict()
+    assert rkr_state.keys() == none_state.keys()
+    assert all(torch.equal(v, none_state[k]) for k, v in rkr_state.items()
+               if isinstance(v, torch.Tensor))
+    x = torch.stack([bench.test_stream[1].dataset[i][0] for i in range(4)])
+    for task in range(2):
+        assert torch.equal(rkr.eval()(x, task), none.eval()(x, task))
+    assert method_cost(rkr) == method_cost(none)
+
+
+def test_a_model_given_to_a_method_strategy_is_not_reused_silently():
+    """The strategy converts the model object in place: a strategy built afterwards on
+    the same object gets an explanation, not a head-less network."""
+    bench = split_digits()
+    model = mlp()
+    _strategy("rkr", model)
+    naive = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                  train_mb_size=16, evaluator=_evaluator())
+    with pytest.raises(RuntimeError, match="converted in place"):
+        naive.train(bench.train_stream[0])
+    with pytest.raises(ValueError, match="already converted"):
+        _strategy("piggyback", model)
 
 
 @pytest.mark.parametrize("method,options,error", [
