@@ -28,7 +28,16 @@ rkr 1e-3 0.94, 3e-3 0.99, 1e-2 0.97; piggyback 5e-4 0.96, 1e-3 0.97, 2e-3 0.95,
 1e-2 0.75; whole networks, 3e-4 / 1e-3 / 3e-3: naive 0.92 / 0.93 / 0.75, single
 0.95 / 0.99 / 0.99, ewc 0.89 / 0.93 / 0.83 (lambda 1e3; 0.96 at 1e-3 with lambda 1e4),
 lwf 0.94 / 0.98 / 0.98.
-Other benchmarks want their own (the examples use Piggyback's recipe, 1e-4)."""
+These rates are the from-scratch job's (train_base_first), where the mask scores also
+train at the strategy's rate (``mask_lr``); other benchmarks want their own (the examples
+use Piggyback's recipe, 1e-4)."""
+
+PRETRAINED_LR = 1e-3
+"""Adam learning rate of every strategy on a pretrained base (--pretrained, --weights)
+when --lr is not given: the usual ``Adam(model.parameters(), lr=1e-3)``, which the
+methods split by role (head and real-valued factors at 1e-3, mask scores at 1e-4; see
+:class:`~avalanche_maskrkr.options.MethodOptions`). Measured on a frozen pretrained
+proxy in benchmarks/RESULTS.md ("Frozen pretrained backbone")."""
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
@@ -102,7 +111,7 @@ def resolve(config: RunConfig) -> RunConfig:
     defaults = BENCHMARK_DEFAULTS[config.benchmark]
     model = config.model or defaults.model
     options = dict(config.options)
-    options.setdefault("train_base_first", not (config.pretrained or config.weights))
+    options.setdefault("train_base_first", not pretrained(config))
     return dataclasses.replace(
         config, model=model, img_size=config.img_size or defaults.img_size, options=options,
         threads=config.threads or defaults.threads,
@@ -111,9 +120,17 @@ def resolve(config: RunConfig) -> RunConfig:
         weights=str(config.weights) if config.weights else None)
 
 
+def pretrained(config: RunConfig) -> bool:
+    """Whether the run starts from pretrained weights (--pretrained or --weights)."""
+    return bool(config.pretrained or config.weights)
+
+
 def strategy_lr(config: RunConfig, variant: Variant) -> float:
-    """``variant``'s learning rate: the run's --lr, else its strategy's :data:`DEFAULT_LR`."""
-    return config.lr if config.lr is not None else DEFAULT_LR[variant.strategy]
+    """``variant``'s learning rate: the run's --lr, else :data:`PRETRAINED_LR` on a
+    pretrained base, else its strategy's :data:`DEFAULT_LR`."""
+    if config.lr is not None:
+        return config.lr
+    return PRETRAINED_LR if pretrained(config) else DEFAULT_LR[variant.strategy]
 
 
 def strategy_options(config: RunConfig, variant: Variant) -> dict[str, Any]:
@@ -130,6 +147,8 @@ def strategy_options(config: RunConfig, variant: Variant) -> dict[str, Any]:
     if unknown := sorted(set(variant.options) - names):
         raise ConfigError(f"{variant.label}: {variant.strategy} has no option(s) {unknown}")
     options = {k: v for k, v in {**config.options, **variant.options}.items() if k in names}
+    if "mask_init" in names and not pretrained(config) and config.lr is None:
+        options.setdefault("mask_lr", strategy_lr(config, variant))  # the from-scratch job's
     if variant.strategy in METHODS:
         try:
             make_options(variant.strategy, **options)

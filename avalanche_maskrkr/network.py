@@ -202,6 +202,8 @@ class TaskAwareNetwork(MultiTaskModule):
         """Re-estimate ``task``'s own BatchNorm statistics (``bn_policy="task_stats"``)
         for its current adapted network: the average over ``batches`` of (batch, ...)
         inputs, in eval mode otherwise (no dropout). Call before :meth:`finish_task`."""
+        if task in self.trained_tasks:
+            raise ValueError(f"task {task} is finished: its statistics are frozen")
         layers = [m for m in self.task_modules
                   if isinstance(m, TaskBatchStats) and m.has_task(task)]
         if not layers:

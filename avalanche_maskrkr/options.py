@@ -30,11 +30,11 @@ class MethodOptions:
         split_qkv: treat the three thirds of a fused ``qkv`` Linear (timm ViT/Swin) as
             three layers with their own rectification factors (the paper's ViT).
         head_name: dotted name of the classifier module; default: found automatically.
-        bn_policy: ``"frozen"`` (BatchNorm in eval mode with the base statistics, as the
-            official Piggyback code; RKR's default: statistics re-estimated after an RKR
-            layer would cancel its scaling F), ``"task_stats"`` (each task its own
-            running mean and variance, estimated for its adapted network; the masks'
-            default, see :mod:`.layers.batchnorm`) or ``"per_task"`` (one trained
+        bn_policy: ``"frozen"`` (default: BatchNorm in eval mode with the base
+            statistics, as the official Piggyback code), ``"task_stats"`` (each task its
+            own running mean and variance, following the drift its masks or factors
+            cause and re-estimated after training, see :mod:`.layers.batchnorm`; after
+            an RKR layer they cancel its scaling F) or ``"per_task"`` (one trained
             BatchNorm per task, affine parameters included).
         head_lr, factor_lr, mask_lr: learning rates of the three roles of a task's
             parameters: its head, its real-valued factors (RKR's LM, RM and F;
@@ -112,7 +112,6 @@ class PiggybackOptions(MethodOptions):
     """Piggyback. ``mask_init``: initial score (1e-2); ``mask_threshold``: 5e-3."""
 
     name: ClassVar[str] = "piggyback"
-    bn_policy: str = "task_stats"
     mask_init: float = 1e-2
     mask_threshold: float = 5e-3
 
@@ -137,7 +136,6 @@ class MaskRKROptions(MethodOptions):
     """
 
     name: ClassVar[str] = "mask-rkr"
-    bn_policy: str = "task_stats"
     rank: int = 2
     mask_init: float = 1e-2
     mask_threshold: float = 5e-3

@@ -10,7 +10,7 @@ from .cifar import split_cifar100
 from .decathlon import visual_decathlon
 from .digits import split_digits
 from .imagenet import split_imagenet
-from .transforms import Backbone
+from .transforms import Backbone, resolve_input_spec
 
 
 class BenchmarkDefaults(NamedTuple):
@@ -42,7 +42,7 @@ def build_benchmark(name: str, img_size: int, seed: int = 0, tasks: int | None =
     ``tasks``: the number of tasks (default: digits 5, cifar100 and imagenet 10; decathlon
     has one per domain and refuses it). ``data_root``: the dataset folder (digits needs
     none; cifar100 downloads through torchvision without one). ``backbone``: a timm name
-    whose pretrained normalisation the images get. ``decathlon_test_split``: one of
+    whose pretrained normalisation the images get (digits too). ``decathlon_test_split``: one of
     :data:`DECATHLON_TEST_SPLITS`.
 
     Raises:
@@ -52,8 +52,9 @@ def build_benchmark(name: str, img_size: int, seed: int = 0, tasks: int | None =
     if name not in BENCHMARK_DEFAULTS:
         raise ValueError(f"unknown benchmark {name!r}; choose one of {sorted(BENCHMARK_DEFAULTS)}")
     if name == "digits":
+        mean_std = None if backbone is None else resolve_input_spec(backbone).mean_std
         return split_digits(n_experiences=tasks or 5, channels=3, seed=seed,
-                            image_size=None if img_size == 8 else img_size)
+                            image_size=None if img_size == 8 else img_size, mean_std=mean_std)
     if name != "cifar100" and data_root is None:
         raise FileNotFoundError(f"--benchmark {name} needs --data-root")
     if name == "decathlon":

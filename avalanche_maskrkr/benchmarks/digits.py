@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from avalanche.benchmarks.scenarios.deprecated.new_classes.nc_scenario import (
@@ -20,11 +22,13 @@ def split_digits(
     channels: int = 1,
     seed: int = 0,
     test_fraction: float = 0.3,
+    mean_std: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> NCScenario:
     """The 1797 digits (no download) as ``n_experiences`` tasks in class order
     0..9: with 5 tasks, task ``i`` holds digits ``{2i, 2i+1}`` labelled 0 and 1.
 
-    Samples are ``(x, y, t)`` with ``x`` float32 in [0, 1] of shape
+    Samples are ``(x, y, t)`` with ``x`` float32 in [0, 1] (normalised with
+    ``mean_std`` when given) of shape
     ``(channels, S, S)`` (``S = 8`` unless ``image_size``); all tensors are
     prepared once, there are no per-sample transforms.
 
@@ -34,6 +38,8 @@ def split_digits(
         channels: 1, or 3 to repeat the grey channel for RGB backbones.
         seed: seed of the stratified train/test split.
         test_fraction: fraction of each digit held out for testing.
+        mean_std: per-channel ``(mean, std)`` to normalise with, e.g. a pretrained
+            backbone's (:func:`~.transforms.resolve_input_spec`).
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -44,6 +50,9 @@ def split_digits(
             images, size=(image_size, image_size), mode="bilinear", align_corners=False
         ).clamp_(0.0, 1.0)
     images = images.expand(-1, channels, -1, -1).contiguous()
+    if mean_std is not None:
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in mean_std)
+        images = (images - mean) / std
     labels = torch.tensor(digits.target, dtype=torch.long)
     train_idx, test_idx = train_test_split(
         torch.arange(len(labels)).numpy(),

@@ -5,8 +5,8 @@
   trained with the task.
 * ``"task_stats"`` (:class:`TaskBatchStats`): each task keeps only its own running mean
   and variance (two vectors per layer); the affine parameters stay the base's, frozen.
-  While a task trains, its BatchNorm layers normalise with the batch's statistics; after
-  training the network re-estimates the task's statistics for its final adapted network
+  While a task trains, they follow the statistics of its batches; after training the
+  network re-estimates them exactly for the task's final adapted network
   (:meth:`~avalanche_maskrkr.network.TaskAwareNetwork.estimate_statistics`). A mask that
   removes weights shifts the statistics of what follows it: normalising with the base
   network's statistics then no longer centres and scales the features, and deep networks
@@ -48,10 +48,13 @@ class TaskBatchStats(TaskModule):
     """``base`` (a BatchNorm layer, e.g. timm's BatchNormAct2d with its activation) run
     with each task's own running statistics (``running_mean``, ``running_var``: (C,)).
 
-    A task whose statistics are not frozen (:meth:`finish_task`) normalises with batch
-    statistics in train mode (updating its running ones with the base's momentum) and
-    while the network estimates statistics (``context.estimating``: a cumulative average
-    over the batches seen). A BatchNorm without running statistics cannot be converted.
+    A task's statistics start as the base's, so a new task starts from the base network.
+    While the task trains (train mode, task not finished), each batch moves them by the
+    base's momentum towards the batch's statistics, and the layer normalises with them
+    (not with the noisy batch statistics): they follow the drift that the task's masks or
+    factors cause. While the network estimates statistics (``context.estimating``) the
+    layer normalises with the batch's and accumulates their average. A batch with one
+    value per channel leaves them alone.
     """
 
     def __init__(self, base: nn.modules.batchnorm._BatchNorm, context: TaskContext):
@@ -84,13 +87,25 @@ class TaskBatchStats(TaskModule):
             return self.base(x)
         stats = self.tasks[key]
         estimating = self.context.estimating and key in self._open
-        batch_stats = estimating or (self.training and key in self._open)
+        if self.training and key in self._open and not estimating:
+            self._track(stats, x)
         was_training, momentum = self.base.training, self.base.momentum
-        self.base.training = batch_stats
-        self.base.momentum = None if estimating else momentum  # None: cumulative average
+        self.base.training = estimating and x.numel() > x.shape[1]  # else: no variance
+        self.base.momentum = None  # while estimating: a cumulative average
         try:
             return functional_call(self.base, {
                 "running_mean": stats.running_mean, "running_var": stats.running_var,
                 "num_batches_tracked": stats.num_batches_tracked}, (x,))
         finally:
             self.base.training, self.base.momentum = was_training, momentum
+
+    @torch.no_grad()
+    def _track(self, stats: nn.Module, x: torch.Tensor) -> None:
+        """Move the running statistics towards the batch's, by the base's momentum."""
+        if x.numel() <= x.shape[1]:
+            return  # one value per channel: no variance to read
+        dims = [0, *range(2, x.dim())]
+        x = x.to(stats.running_mean.dtype)
+        momentum = self.base.momentum if self.base.momentum is not None else 0.1
+        stats.running_mean.lerp_(x.mean(dims), momentum)
+        stats.running_var.lerp_(x.var(dims), momentum)
