@@ -13,6 +13,7 @@ from .accounting import find_k_plus
 from .config import RunConfig, Variant
 from .example_cli import VariantsFactory, run_example
 from .options import MethodOptions, option_names
+from .registry import strategy_option_names
 from .results import format_table
 from .runner import RunResult
 
@@ -46,11 +47,22 @@ def reproduce_paper(argv: Sequence[str] | None, doc: str, title: str, paper: Pap
                     name: str = "paper", **defaults) -> RunResult:
     """An example reproducing one of the paper's tables:
     :func:`~avalanche_maskrkr.example_cli.run_example` of ``variants`` (default
-    :func:`paper_variants`) with Piggyback's recipe, then :func:`compare_with_paper`."""
-    result = run_example(argv, doc, name, variants or paper_variants, smoke_data,
-                         **{**PIGGYBACK_RECIPE, **defaults})
+    :func:`paper_variants`) with Piggyback's recipe (mask scores at the run's rate too),
+    then :func:`compare_with_paper`."""
+    result = run_example(argv, doc, name, _masks_at_the_run_rate(variants or paper_variants),
+                         smoke_data, **{**PIGGYBACK_RECIPE, **defaults})
     compare_with_paper(result, paper, title)
     return result
+
+
+def _masks_at_the_run_rate(variants: VariantsFactory) -> VariantsFactory:
+    """``variants`` with every mask method's scores at the run's rate (``mask_lr``), as
+    the recipe trains masks and heads (``lr_mask = lr_classifier``), unless set."""
+    def with_mask_rate(config: RunConfig, scenario) -> list[Variant]:
+        return [Variant(v.label, v.strategy, {"mask_lr": config.lr, **v.options})
+                if "mask_init" in strategy_option_names(v.strategy) and config.lr is not None
+                else v for v in variants(config, scenario)]
+    return with_mask_rate
 
 
 def paper_family(model: str) -> str:

@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tasks", type=int, default=5)
     parser.add_argument("--bn-policy", help="every method's bn_policy (default: each one's)")
+    parser.add_argument("--mask-lr", type=float, help="every mask method's mask_lr (default: "
+                        "a tenth of 1e-3; 1e-3 gives the single rate of one optimizer group)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -62,10 +64,11 @@ def main() -> None:
             return model
 
         mean_std = resolve_input_spec(make_model()).mean_std
-        options = {"bn_policy": args.bn_policy} if args.bn_policy else {}
+        options = {k: v for k, v in (("bn_policy", args.bn_policy), ("mask_lr", args.mask_lr))
+                   if v is not None}
         print(f"{args.model} at {args.img_size}px ({'proxy' if args.proxy else path}), "
               f"digits {args.tasks} tasks, seeds {args.seeds}, Adam lr 1e-3, batch 32"
-              + (f", bn_policy={args.bn_policy}" if options else ""))
+              + "".join(f", {k}={v}" for k, v in options.items()))
         for epochs in map(int, args.epochs.split(",")):
             start = time.perf_counter()
             table = compare_with_probe(

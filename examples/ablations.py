@@ -35,7 +35,7 @@ PAPER = {
 """The paper's ablation (masks on RG / SFG; ResNet-18, ViT, Swin)."""
 
 ABLATIONS = [
-    Variant("mask none", "mask-rkr", {"rank": 2, "mask_rg": False, "mask_sfg": False}),
+    Variant("mask none", "mask-rkr", {"rank": 2, "mask_placement": "none"}),
     Variant("mask rg", "mask-rkr", {"rank": 2, "mask_sfg": False}),
     Variant("mask sfg", "mask-rkr", {"rank": 2, "mask_rg": False}),
     Variant("mask rg+sfg", "mask-rkr", {"rank": 2}),
