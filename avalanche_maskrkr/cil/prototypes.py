@@ -1,0 +1,138 @@
+"""SimpleCIL (Zhou et al.): class-mean prototypes of a frozen backbone, cosine classifier.
+
+Also the pieces both class-incremental methods share: :class:`FrozenBackbone` (a
+classifier with its head removed, frozen, always in eval mode) and
+:class:`FeatureStatisticsStrategy` (an Avalanche strategy whose "training" of an
+experience is one pass computing features, handed to the model's ``learn``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from avalanche.training.templates import SupervisedTemplate
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ..conversion import find_classifier
+
+
+class FrozenBackbone(nn.Module):
+    """``model`` with its classifier replaced by ``nn.Identity()``: ``(B, ...) -> (B, D)``.
+
+    Modified in place; parameters are frozen and the module stays in eval mode whatever
+    ``train()`` asks, so BatchNorm statistics and dropout never change.
+    """
+
+    def __init__(self, model: nn.Module, head_name: str | None = None):
+        super().__init__()
+        head_name = find_classifier(model, head_name)
+        self.feature_dim = model.get_submodule(head_name).in_features
+        model.set_submodule(head_name, nn.Identity())
+        model.requires_grad_(False)
+        self.model = model
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FrozenBackbone:
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+
+def unseen_columns_masked(logits: Tensor, seen: Tensor) -> Tensor:
+    """``logits`` (B, K) with the columns of classes not seen (``seen`` (K,) bool) at -inf."""
+    return logits.masked_fill(~seen, float("-inf"))
+
+
+class PrototypeClassifier(nn.Module):
+    """Cosine classifier over class-mean features: ``(B, ...) -> (B, K)``.
+
+    ``K`` is the largest class id seen + 1 (the number of classes seen when ids come in
+    order); columns of ids not seen yet are -inf. Prototypes: ``prototypes`` (K, D).
+    """
+
+    def __init__(self, model: nn.Module, head_name: str | None = None):
+        super().__init__()
+        self.backbone = FrozenBackbone(model, head_name)
+        self.register_buffer("prototypes", torch.zeros(0, self.backbone.feature_dim))
+        self.register_buffer("seen", torch.zeros(0, dtype=torch.bool))
+
+    @torch.no_grad()
+    def learn(self, features: Tensor, labels: Tensor) -> None:
+        """Set each class's prototype to its mean feature; features (N, D), labels (N,)."""
+        classes = labels.unique()
+        size = max(len(self.seen), int(classes.max()) + 1)
+        self.prototypes = F.pad(self.prototypes, (0, 0, 0, size - len(self.prototypes)))
+        self.seen = F.pad(self.seen, (0, size - len(self.seen)))
+        for c in classes:
+            self.prototypes[c] = features[labels == c].mean(0)
+            self.seen[c] = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = F.normalize(self.backbone(x), dim=1)
+        logits = features @ F.normalize(self.prototypes, dim=1).T
+        return unseen_columns_masked(logits, self.seen)
+
+
+@torch.no_grad()
+def dataset_features(backbone: nn.Module, dataset, batch_size: int,
+                     device: torch.device) -> tuple[Tensor, Tensor]:
+    """Backbone features (N, D) and labels (N,) of an Avalanche dataset, in order."""
+    loader = DataLoader(dataset, batch_size=batch_size,
+                        collate_fn=getattr(dataset, "collate_fn", None))
+    features, labels = [], []
+    for x, y, *_ in loader:
+        features.append(backbone(x.to(device)))
+        labels.append(y.to(device))
+    return torch.cat(features), torch.cat(labels)
+
+
+class FeatureStatisticsStrategy(SupervisedTemplate):
+    """Avalanche strategy for a model with a ``backbone`` and ``learn(features, labels)``.
+
+    Training an experience is one pass over its dataset with its eval transform (no
+    gradient step; ``train_epochs`` is 1); the usual callbacks and evaluation plugins run.
+    Samples of classes the model has no column for yet get a -inf logit, so their loss
+    is inf and they are never predicted.
+    """
+
+    def __init__(self, *, model: nn.Module, criterion=None, train_mb_size: int = 32,
+                 eval_mb_size: int = 32, device="cpu", plugins=None, evaluator=None,
+                 eval_every: int = -1):
+        # The template wants an optimizer; nothing is optimised (see make_optimizer).
+        unused = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+        kwargs = {} if evaluator is None else {"evaluator": evaluator}
+        super().__init__(model=model, optimizer=unused,
+                         criterion=criterion or nn.CrossEntropyLoss(),
+                         train_mb_size=train_mb_size, train_epochs=1,
+                         eval_mb_size=eval_mb_size, device=device, plugins=plugins,
+                         eval_every=eval_every, **kwargs)
+
+    def make_optimizer(self, **kwargs):
+        """Nothing to optimise: the backbone is frozen, the classifier is solved."""
+
+    def training_epoch(self, **kwargs):
+        features, labels = dataset_features(self.model.backbone, self.experience.dataset.eval(),
+                                            self.eval_mb_size, self.device)
+        self.model.learn(features, labels)
+
+    def criterion(self) -> Tensor:
+        missing = int(self.mb_y.max()) + 1 - self.mb_output.shape[1]
+        logits = F.pad(self.mb_output, (0, max(missing, 0)), value=float("-inf"))
+        return self._criterion(logits, self.mb_y)
+
+
+class SimpleCIL(FeatureStatisticsStrategy):
+    """SimpleCIL: prototypes of a frozen backbone, cosine classifier, no training.
+
+    Args:
+        model: a classifier (timm, torchvision, ...); its head is removed in place
+            (``head_name`` names it when :func:`~..conversion.find_classifier` cannot).
+        criterion: evaluation loss on the logits (default cross-entropy).
+        train_mb_size: kept for Avalanche; features are computed in ``eval_mb_size``.
+        eval_mb_size, device, plugins, evaluator, eval_every: as Avalanche's.
+    """
+
+    def __init__(self, *, model: nn.Module, head_name: str | None = None, **kwargs):
+        super().__init__(model=PrototypeClassifier(model, head_name), **kwargs)
