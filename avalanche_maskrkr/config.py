@@ -13,7 +13,7 @@ from avalanche.distributed import DistributedHelper
 
 from .benchmarks import BENCHMARK_DEFAULTS, DECATHLON_TEST_SPLITS
 from .options import METHODS, make_options
-from .registry import STRATEGIES, strategy_option_names
+from .registry import STRATEGIES, strategy_option_names, trains_masks
 
 DEFAULT_STRATEGIES = ("rkr", "piggyback", "mask-rkr", "naive", "single", "ewc", "lwf")
 DEFAULT_LR: dict[str, float] = {
@@ -147,7 +147,7 @@ def strategy_options(config: RunConfig, variant: Variant) -> dict[str, Any]:
     if unknown := sorted(set(variant.options) - names):
         raise ConfigError(f"{variant.label}: {variant.strategy} has no option(s) {unknown}")
     options = {k: v for k, v in {**config.options, **variant.options}.items() if k in names}
-    if "mask_init" in names and not pretrained(config) and config.lr is None:
+    if trains_masks(variant.strategy) and not pretrained(config) and config.lr is None:
         options.setdefault("mask_lr", strategy_lr(config, variant))  # the from-scratch job's
     if variant.strategy in METHODS:
         try:

@@ -13,7 +13,7 @@ from .accounting import find_k_plus
 from .config import RunConfig, Variant
 from .example_cli import VariantsFactory, run_example
 from .options import MethodOptions, option_names
-from .registry import strategy_option_names
+from .registry import trains_masks
 from .results import format_table
 from .runner import RunResult
 
@@ -60,7 +60,7 @@ def _masks_at_the_run_rate(variants: VariantsFactory) -> VariantsFactory:
     the recipe trains masks and heads (``lr_mask = lr_classifier``), unless set."""
     def with_mask_rate(config: RunConfig, scenario) -> list[Variant]:
         return [Variant(v.label, v.strategy, {"mask_lr": config.lr, **v.options})
-                if "mask_init" in strategy_option_names(v.strategy) and config.lr is not None
+                if trains_masks(v.strategy) and config.lr is not None
                 else v for v in variants(config, scenario)]
     return with_mask_rate
 

@@ -46,6 +46,11 @@ def strategy_option_names(strategy: str) -> set[str]:
     return option_names(method) if method else set(BASELINE_OPTION_NAMES)
 
 
+def trains_masks(strategy: str) -> bool:
+    """Whether ``strategy`` learns binary masks (its options have ``mask_init``)."""
+    return "mask_init" in strategy_option_names(strategy)
+
+
 def option_users(name: str) -> list[str]:
     """Who reads option ``name``: the methods by their options class, the baselines by
     the option's prefix (``ewc_lambda``: ewc)."""

@@ -64,12 +64,6 @@ def _quiet_evaluator():
         return EvaluationPlugin(loggers=[])
 
 
-def _tensors(dataset):
-    """(x, y) of a whole Avalanche dataset, in order."""
-    x, y, *_ = next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(dataset))))
-    return x, y
-
-
 def _digits(kind, weights, seed, test_fraction=0.3):
     spec = resolve_input_spec(_pretrained(kind, weights))
     return split_digits(5, image_size=SIZE, channels=3, seed=seed, mean_std=spec.mean_std,

@@ -27,7 +27,7 @@ class ForgettingError(AssertionError):
     """A method's outputs for a finished task changed."""
 
 
-def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+def dataset_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) of a whole Avalanche dataset, in order."""
     x, y, *_ = next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(dataset))))
     return x, y
@@ -57,7 +57,7 @@ def task_accuracies(method: str, model: nn.Module, stream, epochs: int, tasks: i
             from those right after the task trained.
     """
     strategy = _strategy(method, model, epochs, batch_size, **options)
-    tests = [_tensors(exp.dataset) for exp in stream.test_stream[:tasks]]
+    tests = [dataset_tensors(exp.dataset) for exp in stream.test_stream[:tasks]]
     after_task = []
     for task, exp in enumerate(stream.train_stream[:tasks]):
         strategy.train(exp)
