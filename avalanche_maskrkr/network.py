@@ -183,19 +183,16 @@ class TaskAwareNetwork(MultiTaskModule):
         their heads, real-valued task parameters and mask scores, and the base while it
         is not yet frozen."""
         roles: dict[str, list[nn.Parameter]] = {role: [] for role in ROLES}
+        scores = {id(m.scores) for m in self.backbone.modules()
+                  if isinstance(m, BinaryMask) and not m.frozen}
         for task in tasks:
             roles["head"] += [p for p in self.heads[str(task)].parameters() if p.requires_grad]
             for module in self.task_modules:
                 for param in module.task_parameters(task):
-                    roles["masks" if id(param) in self._mask_scores else "factors"].append(param)
+                    roles["masks" if id(param) in scores else "factors"].append(param)
         if not self.base_frozen:
             roles["base"] = self.base_parameters()
         return roles
-
-    @property
-    def _mask_scores(self) -> set[int]:
-        return {id(m.scores) for m in self.backbone.modules()
-                if isinstance(m, BinaryMask) and not m.frozen}
 
     @torch.no_grad()
     def estimate_statistics(self, task: int, batches: Iterable[torch.Tensor]) -> None:
