@@ -35,6 +35,10 @@ STREAM_HINT = (
     "task_labels=True, class_ids_from_zero_in_each_exp=True).")
 
 
+BASE_TASK = -1
+"""The task label that computes the base network: no task layer holds it."""
+
+
 NEVER_TRAINED = (
     "The base network is frozen from the start, but its BatchNorm statistics have never "
     "been updated: it looks untrained, and every task would learn on random features. "
@@ -264,6 +268,15 @@ class TaskAwareNetwork(MultiTaskModule):
         if missing <= 0:
             return logits
         return nn.functional.pad(logits, (0, missing), value=torch.finfo(logits.dtype).min)
+
+    def base_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, ...) inputs -> (batch, feature_dim) features of the base network,
+        without any task's parameters (a task label no layer has)."""
+        self.context.task = BASE_TASK
+        try:
+            return self.backbone(x)
+        finally:
+            self.context.task = None
 
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
         """(batch, ...) inputs of one task -> (batch, classes of that task) logits."""
