@@ -5,7 +5,8 @@ canvas, without pyplot, so no global figure state or GUI backend is involved
 and nothing stays open after a call. Each function returns the written path
 and creates its parent folder if needed. Matrices are ``(T, T)`` accuracy
 matrices (``A[i, j]``: accuracy on experience ``j`` after training experience
-``i``); summary frames have the columns of :data:`results.SUMMARY_COLUMNS`.
+``i``); summary frames have the columns of :data:`results.SUMMARY_COLUMNS`
+(task-incremental) or :data:`results.CLASS_SUMMARY_COLUMNS` (class-incremental).
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ def _summary_columns(summary_df: pd.DataFrame, *columns: str) -> None:
         raise ValueError("summary frame has no rows")
 
 
+def _accuracy_scores(summary_df: pd.DataFrame) -> tuple[tuple[str, str], ...]:
+    """``(column, label)`` of the summary's accuracy scores, the headline first: average
+    accuracy (task-incremental), or last and average incremental accuracy (class)."""
+    if "avg_incremental_accuracy" in summary_df.columns:
+        return (("last_accuracy", "last accuracy"),
+                ("avg_incremental_accuracy", "average incremental accuracy"))
+    return (("avg_accuracy", "average accuracy"),)
+
+
 def plot_task_curves(
     matrix: np.ndarray, path: str | Path, title: str = "Accuracy per experience"
 ) -> Path:
@@ -70,14 +80,14 @@ def plot_task_curves(
 
 
 def plot_strategy_bars(summary_df: pd.DataFrame, path: str | Path) -> Path:
-    """Two panels of bars per strategy: average accuracy and forgetting."""
-    _summary_columns(summary_df, "avg_accuracy", "forgetting")
+    """One panel of bars per strategy for each accuracy score, then forgetting: average
+    accuracy (task-incremental), or last and average incremental accuracy (class)."""
+    scores = (*_accuracy_scores(summary_df), ("forgetting", "forgetting"))
+    _summary_columns(summary_df, *(column for column, _ in scores))
     names = summary_df["strategy"].astype(str).tolist()
-    fig = _new_figure(max(6.0, 1.2 * len(names) + 2.0), 3.8)
-    panels = fig.subplots(1, 2)
-    for ax, column, label in zip(
-        panels, ("avg_accuracy", "forgetting"), ("average accuracy", "forgetting")
-    ):
+    fig = _new_figure(max(6.0, 1.2 * len(names) + 2.0) * len(scores) / 2, 3.8)
+    panels = fig.subplots(1, len(scores))
+    for ax, (column, label) in zip(panels, scores):
         bars = ax.bar(names, summary_df[column].to_numpy(dtype=float))
         ax.bar_label(bars, fmt="%.3f", fontsize="small")
         ax.set_title(label)
@@ -110,14 +120,17 @@ def plot_accuracy_heatmap(
 
 
 def plot_accuracy_vs_overhead(summary_df: pd.DataFrame, path: str | Path) -> Path:
-    """Scatter of average accuracy against parameter overhead (%), one labelled point per strategy.
+    """Scatter of the headline accuracy (average accuracy, or last accuracy for a
+    class-incremental summary) against parameter overhead (%), one labelled point per
+    strategy.
 
     When the positive overheads span a factor of 100 or more the x axis is
     logarithmic, switching to symlog (linear around 0) if an overhead is 0.
     """
-    _summary_columns(summary_df, "avg_accuracy", "overhead_pct")
+    column, label = _accuracy_scores(summary_df)[0]
+    _summary_columns(summary_df, column, "overhead_pct")
     overhead = summary_df["overhead_pct"].to_numpy(dtype=float)
-    accuracy = summary_df["avg_accuracy"].to_numpy(dtype=float)
+    accuracy = summary_df[column].to_numpy(dtype=float)
     fig = _new_figure(6.0, 4.0)
     ax = fig.add_subplot()
     ax.scatter(overhead, accuracy)
@@ -130,7 +143,7 @@ def plot_accuracy_vs_overhead(summary_df: pd.DataFrame, path: str | Path) -> Pat
         else:
             ax.set_xscale("symlog", linthresh=float(positive.min()))
     ax.set_xlabel("parameter overhead (%)")
-    ax.set_ylabel("average accuracy")
+    ax.set_ylabel(label)
     ax.margins(0.15)
     ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -2,13 +2,16 @@
 
 All functions take the accuracy matrix ``A`` of shape ``(T, T)``, where
 ``A[i, j]`` is the accuracy on test experience ``j`` after training experience
-``i`` (see :func:`avalanche_maskrkr.evaluation.collect_accuracy_matrix`).
+``i`` (see :func:`avalanche_maskrkr.evaluation.collect_accuracy_matrix`); the
+class-incremental scores also take the test-set sizes ``n_j`` of the experiences.
+Two kinds of summary table: task-incremental (:data:`SUMMARY_COLUMNS`) and
+class-incremental (:data:`CLASS_SUMMARY_COLUMNS`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,16 @@ SUMMARY_COLUMNS = (
     "strategy",
     "avg_accuracy",
     "forgetting",
+    "total_params",
+    "overhead_pct",
+    "train_seconds",
+)
+CLASS_SUMMARY_COLUMNS = (
+    "strategy",
+    "avg_incremental_accuracy",
+    "last_accuracy",
+    "forgetting",
+    "task_id_accuracy",
     "total_params",
     "overhead_pct",
     "train_seconds",
@@ -84,6 +97,41 @@ def bwt(matrix: np.ndarray) -> float:
     return float(np.mean(array[last, :last] - np.diag(array)[:last]))
 
 
+def seen_class_accuracies(matrix: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+    """``(T,)`` accuracy on all classes seen so far after each stage: entry ``i`` is
+    the mean of ``A[i, :i+1]`` weighted by the test-set sizes ``sizes[:i+1]``, i.e.
+    the accuracy over the union of those test sets."""
+    array = as_accuracy_matrix(matrix)
+    weights = np.asarray(sizes, dtype=float)
+    if weights.shape != (array.shape[0],) or (weights <= 0).any():
+        raise ValueError(
+            f"expected {array.shape[0]} positive test-set sizes, got {list(sizes)}"
+        )
+    return np.array(
+        [np.average(array[i, : i + 1], weights=weights[: i + 1]) for i in range(len(array))]
+    )
+
+
+def average_incremental_accuracy(matrix: np.ndarray, sizes: Sequence[int]) -> float:
+    """Mean over the ``T`` stages of :func:`seen_class_accuracies` (as PyCIL and
+    LAMDA-PILOT report it)."""
+    return float(seen_class_accuracies(matrix, sizes).mean())
+
+
+def last_accuracy(matrix: np.ndarray, sizes: Sequence[int]) -> float:
+    """Accuracy on all classes after the last stage: the size-weighted mean of ``A[T-1, :]``."""
+    return float(seen_class_accuracies(matrix, sizes)[-1])
+
+
+def _cost_fields(total_params: int, overhead_pct: float, train_seconds: float
+                 ) -> dict[str, Any]:
+    return {
+        "total_params": int(total_params),
+        "overhead_pct": float(overhead_pct),
+        "train_seconds": float(train_seconds),
+    }
+
+
 def summary_row(
     strategy: str,
     matrix: np.ndarray,
@@ -91,36 +139,69 @@ def summary_row(
     overhead_pct: float,
     train_seconds: float,
 ) -> dict[str, Any]:
-    """One summary record with the keys of ``SUMMARY_COLUMNS``, in that order."""
+    """One task-incremental summary record with the keys of ``SUMMARY_COLUMNS``, in order."""
     return {
         "strategy": strategy.lower(),
         "avg_accuracy": average_accuracy(matrix),
         "forgetting": forgetting(matrix),
-        "total_params": int(total_params),
-        "overhead_pct": float(overhead_pct),
-        "train_seconds": float(train_seconds),
+        **_cost_fields(total_params, overhead_pct, train_seconds),
     }
 
 
-def _check_columns(columns: Iterable[str]) -> None:
+def class_summary_row(
+    strategy: str,
+    matrix: np.ndarray,
+    sizes: Sequence[int],
+    total_params: int,
+    overhead_pct: float,
+    train_seconds: float,
+    task_id_accuracy: float | None = None,
+) -> dict[str, Any]:
+    """One class-incremental summary record with the keys of ``CLASS_SUMMARY_COLUMNS``,
+    in order. ``sizes``: the test-set size of each experience. ``forgetting`` is
+    :func:`forgetting` of the per-experience accuracies under the all-classes head.
+    ``task_id_accuracy``: how often a method that infers the task picks the right one;
+    NaN (an empty CSV cell) when None."""
+    return {
+        "strategy": strategy.lower(),
+        "avg_incremental_accuracy": average_incremental_accuracy(matrix, sizes),
+        "last_accuracy": last_accuracy(matrix, sizes),
+        "forgetting": forgetting(matrix),
+        "task_id_accuracy": np.nan if task_id_accuracy is None else float(task_id_accuracy),
+        **_cost_fields(total_params, overhead_pct, train_seconds),
+    }
+
+
+def summary_columns(columns: Iterable[str]) -> tuple[str, ...]:
+    """``CLASS_SUMMARY_COLUMNS`` if ``columns`` hold ``avg_incremental_accuracy``, else
+    ``SUMMARY_COLUMNS``, checked to be exactly ``columns`` (in any order).
+
+    Raises:
+        ValueError: naming the missing and unexpected columns.
+    """
     got = set(columns)
-    if got != set(SUMMARY_COLUMNS):
-        missing = sorted(set(SUMMARY_COLUMNS) - got)
-        extra = sorted(got - set(SUMMARY_COLUMNS))
+    expected = CLASS_SUMMARY_COLUMNS if "avg_incremental_accuracy" in got else SUMMARY_COLUMNS
+    if got != set(expected):
+        missing = sorted(set(expected) - got)
+        extra = sorted(got - set(expected))
         raise ValueError(f"summary columns: missing {missing}, unexpected {extra}")
+    return expected
 
 
 def summary_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
-    """Frame of summary records, one row each, columns ``SUMMARY_COLUMNS``."""
+    """Frame of summary records, one row each, all of one kind: columns
+    ``SUMMARY_COLUMNS`` or ``CLASS_SUMMARY_COLUMNS`` (the former when empty)."""
     records = [dict(row) for row in rows]
-    for record in records:
-        _check_columns(record)
-    return pd.DataFrame(records, columns=list(SUMMARY_COLUMNS))
+    kinds = {summary_columns(record) for record in records}
+    if len(kinds) > 1:
+        raise ValueError("summary rows mix task- and class-incremental columns")
+    columns = kinds.pop() if kinds else SUMMARY_COLUMNS
+    return pd.DataFrame(records, columns=list(columns))
 
 
 def _format_cell(value: Any) -> str:
     if isinstance(value, (float, np.floating)):
-        return f"{value:.4f}"
+        return "" if np.isnan(value) else f"{value:.4f}"
     return str(value).replace("|", "\\|")
 
 
@@ -144,15 +225,17 @@ def write_results(
 ) -> list[Path]:
     """Write ``summary.csv``, ``summary.md`` and ``accuracy_matrix_<slug>.csv``.
 
-    ``summary.csv`` has exactly the columns ``SUMMARY_COLUMNS`` and no index;
-    each matrix file is :func:`accuracy_matrix_frame` with its row labels, named
-    after :func:`strategy_slug` of its key. ``out_dir`` is created if needed.
+    ``summary.csv`` has exactly the columns of its kind (:func:`summary_columns`),
+    in that order, and no index; NaN cells (``task_id_accuracy`` where it does not
+    apply) are written empty, in both files. Each matrix file is
+    :func:`accuracy_matrix_frame` with its row labels, named after
+    :func:`strategy_slug` of its key. ``out_dir`` is created if needed.
     Returns the written paths in that order.
     """
-    _check_columns(summary.columns)
+    columns = summary_columns(summary.columns)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ordered = summary[list(SUMMARY_COLUMNS)]
+    ordered = summary[list(columns)]
     csv_path = out / "summary.csv"
     ordered.to_csv(csv_path, index=False)
     md_path = out / "summary.md"

@@ -1,4 +1,4 @@
-"""Split CIFAR-100 with task labels, from a local ``cifar-100-python`` folder."""
+"""Split CIFAR-100, task- or class-incremental, from a local ``cifar-100-python`` folder."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from avalanche.benchmarks.scenarios.deprecated.new_classes.nc_scenario import (
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR100
 
-from .task_split import task_incremental_split
+from .task_split import incremental_split
 from .transforms import Backbone, InputSpec, MeanStd, resolve_input_spec, to_normalized_tensor
 
 CIFAR100_MEAN_STD: MeanStd = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
@@ -59,27 +59,34 @@ def split_cifar100(
     n_experiences: int = 10,
     root: str | Path | None = None,
     image_size: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     fixed_class_order: Optional[Sequence[int]] = None,
     train_transform: Optional[Callable] = None,
     eval_transform: Optional[Callable] = None,
     mean_std: MeanStd | None = None,
     backbone: Backbone | None = None,
+    scenario: str = "task",
 ) -> NCScenario:
-    """Split CIFAR-100 into ``n_experiences`` tasks of ``100 / n_experiences``
-    classes; experience ``i`` has task label ``i`` and classes ``0..C-1``.
+    """Split CIFAR-100 into ``n_experiences`` experiences of ``C = 100 / n_experiences``
+    classes; experience ``i`` has task label ``i`` and classes ``0..C-1``
+    (``scenario="task"``), or task label 0 and classes ``i*C..(i+1)*C-1``
+    (``scenario="class"``: with the defaults, the B0-Inc10 protocol in the published
+    class order; ``n_experiences=20`` for B0-Inc5).
 
     Args:
-        n_experiences: number of tasks (must divide 100).
+        n_experiences: number of experiences (must divide 100).
         root: folder holding ``cifar-100-python/{train,test,meta}``; default
             Avalanche's ``~/.avalanche/data/cifar100``. Nothing is downloaded.
         image_size: output side (default 32, or the backbone's input size).
-        seed: seed of the class order (ignored with ``fixed_class_order``).
-        fixed_class_order: the 100 original class ids in task order.
+        seed: seed of the class order (ignored with ``fixed_class_order``); default
+            0 for ``"task"`` and 1993 for ``"class"``, the published protocols' seed
+            (see :func:`~.task_split.class_order`).
+        fixed_class_order: the 100 original class ids in experience order.
         train_transform, eval_transform: replace the default pipelines
             (see :func:`cifar_transforms`).
         mean_std: normalisation (default CIFAR-100 statistics, or the backbone's).
         backbone: timm model or name giving image size and normalisation.
+        scenario: ``"task"`` or ``"class"`` (see :func:`~.task_split.incremental_split`).
 
     Raises:
         FileNotFoundError: the ``cifar-100-python`` files are not under ``root``.
@@ -90,10 +97,11 @@ def split_cifar100(
         train_transform = cifar_transforms(spec, train=True)
     if eval_transform is None:
         eval_transform = cifar_transforms(spec, train=False)
-    return task_incremental_split(
+    return incremental_split(
         LocalCIFAR100(root, train=True),
         LocalCIFAR100(root, train=False),
         n_experiences,
+        scenario,
         seed=seed,
         fixed_class_order=fixed_class_order,
         train_transform=train_transform,

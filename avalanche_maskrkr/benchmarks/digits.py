@@ -1,4 +1,5 @@
-"""Split Digits: scikit-learn's bundled 8x8 digits as a tiny task-incremental stream."""
+"""Split Digits: scikit-learn's bundled 8x8 digits as a tiny task- or class-incremental
+stream."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dat
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from .task_split import task_incremental_split
+from .task_split import incremental_split
 
 
 def split_digits(
@@ -23,9 +24,12 @@ def split_digits(
     seed: int = 0,
     test_fraction: float = 0.3,
     mean_std: tuple[Sequence[float], Sequence[float]] | None = None,
+    scenario: str = "task",
 ) -> NCScenario:
-    """The 1797 digits (no download) as ``n_experiences`` tasks in class order
-    0..9: with 5 tasks, task ``i`` holds digits ``{2i, 2i+1}`` labelled 0 and 1.
+    """The 1797 digits (no download) as ``n_experiences`` experiences in class
+    order 0..9: with 5, experience ``i`` holds digits ``{2i, 2i+1}``, labelled 0 and 1
+    with task label ``i`` (``scenario="task"``) or labelled ``2i`` and ``2i+1`` with
+    task label 0 (``scenario="class"``).
 
     Samples are ``(x, y, t)`` with ``x`` float32 in [0, 1] (normalised with
     ``mean_std`` when given) of shape
@@ -33,13 +37,14 @@ def split_digits(
     prepared once, there are no per-sample transforms.
 
     Args:
-        n_experiences: number of tasks (must divide 10).
+        n_experiences: number of experiences (must divide 10).
         image_size: side ``S`` to resize to (bilinear), e.g. 32 for small CNNs.
         channels: 1, or 3 to repeat the grey channel for RGB backbones.
         seed: seed of the stratified train/test split.
         test_fraction: fraction of each digit held out for testing.
         mean_std: per-channel ``(mean, std)`` to normalise with, e.g. a pretrained
             backbone's (:func:`~.transforms.resolve_input_spec`).
+        scenario: ``"task"`` or ``"class"`` (see :func:`~.task_split.incremental_split`).
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -64,6 +69,6 @@ def split_digits(
         _make_taskaware_tensor_classification_dataset(images[idx], labels[idx])
         for idx in map(torch.as_tensor, (train_idx, test_idx))
     )
-    return task_incremental_split(
-        train_set, test_set, n_experiences, fixed_class_order=range(10)
+    return incremental_split(
+        train_set, test_set, n_experiences, scenario, fixed_class_order=range(10)
     )
