@@ -22,6 +22,8 @@ experience, ``i``: training experience, all zero-padded to three digits):
 * ``Time_Epoch/train_phase/train_stream/Task{t}``: seconds per training epoch.
 * ``PeakMemory_MB/train_phase/train_stream/Task{t}/Exp{i}``: see
   :class:`PeakMemory` (CUDA only).
+* ``TaskId_Acc_Exp/eval_phase/test_stream/Task{t}/Exp{j}``: see
+  :class:`TaskIdentificationAccuracy` (class-incremental task-free inference).
 * ``Params_Total/train_phase/train_stream/Task{t}/Exp{i}`` and
   ``Bytes_Per_Task/...``: see :class:`ParameterCost` (not among the defaults;
   pass it in ``extra_metrics``).
@@ -69,6 +71,7 @@ EPOCH_TIME_PREFIX = "Time_Epoch/train_phase/"
 PEAK_MEMORY_PREFIX = "PeakMemory_MB/train_phase/"
 PARAMS_TOTAL = "Params_Total"
 BYTES_PER_TASK = "Bytes_Per_Task"
+TASK_ID_ACCURACY = "TaskId_Acc_Exp"
 
 
 class PeakMemory(PluginMetric[float]):
@@ -159,6 +162,42 @@ class ParameterCost(PluginMetric[dict]):
         return PARAMS_TOTAL
 
 
+class TaskIdentificationAccuracy(PluginMetric[float]):
+    """Task-free inference: the share of an evaluated experience's inputs whose task the
+    class-incremental network chose right (the task that learned its class), logged as
+    ``TaskId_Acc_Exp/eval_phase/test_stream/Task{t:03}/Exp{j:03}``. Nothing is logged for
+    a model that chooses no task (``routed_tasks`` absent or None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reset()
+
+    def reset(self) -> None:
+        self._right, self._seen = 0, 0
+
+    def result(self) -> float:
+        return self._right / self._seen if self._seen else float("nan")
+
+    def before_eval_exp(self, strategy: SupervisedTemplate) -> None:
+        self.reset()
+
+    def after_eval_iteration(self, strategy: SupervisedTemplate) -> None:
+        routed = getattr(strategy.model, "routed_tasks", None)
+        if routed is not None:
+            true = strategy.model.class_task.to(routed.device)[strategy.mb_y]
+            self._right += int((routed == true).sum())
+            self._seen += len(routed)
+
+    def after_eval_exp(self, strategy: SupervisedTemplate) -> MetricResult:
+        if not self._seen:
+            return None
+        name = get_metric_name(TASK_ID_ACCURACY, strategy, add_experience=True)
+        return [MetricValue(self, name, self.result(), strategy.clock.train_iterations)]
+
+    def __str__(self) -> str:
+        return TASK_ID_ACCURACY
+
+
 def make_evaluator(
     loggers: Iterable[BaseLogger] | None = None,
     extra_metrics: Iterable[PluginMetric] = (),
@@ -185,6 +224,7 @@ def make_evaluator(
         *accuracy_metrics(experience=True, stream=not resumable),
         *timing_metrics(epoch=True),
         PeakMemory(),
+        TaskIdentificationAccuracy(),
     ]
     if not resumable:
         metrics += [

@@ -27,12 +27,15 @@ from .layers import (BinaryMask, RKRLayer, TaskAdaptedLayer, TaskBatchNorm, Task
                      TaskContext, TaskModule,
                      zero_scales_found)
 from .options import ROLES, MethodOptions
+from .routing import ClassMeans, choose_tasks
 
 STREAM_HINT = (
     "Build a task-labelled stream with classes numbered from 0 in each task, e.g. "
     "avalanche_maskrkr.benchmarks.split_cifar100(), SplitCIFAR100(n_experiences=10, "
     "return_task_id=True, class_ids_from_zero_in_each_exp=True) or nc_benchmark(..., "
-    "task_labels=True, class_ids_from_zero_in_each_exp=True).")
+    "task_labels=True, class_ids_from_zero_in_each_exp=True). On a class-incremental "
+    "stream (one label space, no task label at test time), pass task_inference (e.g. "
+    "'prototype'): every experience then becomes a new task of its own.")
 
 
 BASE_TASK = -1
@@ -66,7 +69,7 @@ class _CalledByNetworkOnly:
         self.context = context
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        if self.context.task is None:
+        if self.context.task is None and self.context.tasks is None:
             raise RuntimeError(CONVERTED_IN_PLACE)
 
 
@@ -109,6 +112,14 @@ class TaskAwareNetwork(MultiTaskModule):
         self.trained_tasks: list[int] = []
         self.base_frozen = not options.train_base_first
         self._warned_untrained: set[int] = set()
+        # class-incremental (options.task_inference != "oracle"): task -> its global
+        # class ids (column i of its head), global class -> task, the prototype router's
+        # class means, and the tasks chosen for the last evaluated batch
+        self.class_incremental = options.task_inference != "oracle"
+        self.task_class_ids: dict[int, list[int]] = {}
+        self.class_task = torch.zeros(0, dtype=torch.long)  # -1: no task has the class
+        self.class_means = ClassMeans(feature_dim)
+        self.routed_tasks: torch.Tensor | None = None
         # RKR layers save their output for backward: an in-place activation after one
         # (ReLU(inplace=True) right after a convolution) would overwrite it, so modules
         # with an in-place switch compute out of place while training
@@ -222,10 +233,27 @@ class TaskAwareNetwork(MultiTaskModule):
             self.train(training)
 
     # -- Avalanche hooks -----------------------------------------------------------------
+    def training_tasks(self, experience) -> list[int]:
+        """The tasks that training ``experience`` trains: its task labels, or, when
+        class-incremental, the new task it became."""
+        return self.adapted_tasks[-1:] if self.class_incremental else experience_tasks(experience)
+
+    def routable_tasks(self) -> list[int]:
+        """The tasks a class-incremental router chooses from: the trained ones (the
+        task in training while none is)."""
+        return list(self.trained_tasks) or self.adapted_tasks[-1:]
+
     def adaptation(self, experience) -> None:
         """Avalanche's adaptation (``max_class_label``, ``known_train_tasks_labels``), then
         each new task's parameters and head; an experience of an already trained task is
-        refused before anything changes."""
+        refused before anything changes. Class-incremental: a training experience becomes
+        a new task over its classes."""
+        if self.class_incremental:
+            super().adaptation(experience)
+            if self.training:
+                self.add_class_task(len(self.adapted_tasks),
+                                    sorted(experience.classes_in_this_experience))
+            return
         tasks = experience_tasks(experience)
         if self.training:
             self.refuse_trained(tasks)
@@ -241,6 +269,43 @@ class TaskAwareNetwork(MultiTaskModule):
                 if str(task) not in self.heads:
                     self.add_head(task, n_classes)
 
+    def add_class_task(self, task: int, classes: list[int]) -> None:
+        """Class-incremental: create ``task`` over the global class ids ``classes``."""
+        self.task_class_ids[task] = list(classes)
+        size = max(len(self.class_task), max(classes) + 1)
+        self.class_task = nn.functional.pad(self.class_task, (0, size - len(self.class_task)),
+                                            value=-1)
+        self.class_task[classes] = task
+        self.max_class_label = max(self.max_class_label, size)
+        self.add_task(task, len(classes))
+
+    def global_logits(self, local: torch.Tensor, task: int) -> torch.Tensor:
+        """(B, C_t) logits of ``task`` -> (B, ``max_class_label``), in its classes' global
+        columns, every other column at the dtype's lowest value (see :meth:`forward`)."""
+        out = local.new_full((len(local), self.max_class_label), torch.finfo(local.dtype).min)
+        out[:, self.task_class_ids[task]] = local
+        return out
+
+    def routed_logits(self, x: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
+        """(B, ...) inputs and the (B,) task chosen for each -> (B, ``max_class_label``)
+        global logits, each row its task's (:meth:`global_logits`)."""
+        out = x.new_full((len(x), self.max_class_label), torch.finfo(x.dtype).min)
+        for task in tasks.unique().tolist():
+            rows = tasks == task
+            out[rows] = self.global_logits(self.forward_single_task(x[rows], task), task
+                                           ).to(out.dtype)
+        return out
+
+    def forward_class_incremental(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, ...) inputs -> (B, ``max_class_label``) global logits: the task in training
+        in train mode, else each input's task as the router chooses (kept in
+        ``routed_tasks``)."""
+        if self.training:
+            return self.global_logits(self.forward_single_task(x, self.adapted_tasks[-1]),
+                                      self.adapted_tasks[-1])
+        self.routed_tasks = choose_tasks(self, x)
+        return self.routed_logits(x, self.routed_tasks)
+
     def forward(self, x: torch.Tensor, task_labels: torch.Tensor | int | None
                 ) -> torch.Tensor | dict[int, torch.Tensor]:
         """Avalanche's multi-task forward: (batch, ...) inputs and (batch,) task labels ->
@@ -250,7 +315,10 @@ class TaskAwareNetwork(MultiTaskModule):
         the loss; this padding never wins, and cross-entropy gives it probability 0 and
         gradient 0. A minibatch of one task (the usual case) is computed without copying
         the inputs. An ``int`` label, ``None`` (every trained task) or no label at all:
-        as Avalanche."""
+        as Avalanche. Class-incremental: task labels are ignored
+        (:meth:`forward_class_incremental`)."""
+        if self.class_incremental:
+            return self.forward_class_incremental(x)
         if not isinstance(task_labels, torch.Tensor) or not len(task_labels):
             return super().forward(x, task_labels)
         if bool((task_labels == task_labels[0]).all()):
@@ -277,6 +345,25 @@ class TaskAwareNetwork(MultiTaskModule):
             return self.backbone(x)
         finally:
             self.context.task = None
+
+    def forward_tasks(self, x: torch.Tensor, tasks: list[int],
+                      alphas: torch.Tensor | None = None) -> list[torch.Tensor] | torch.Tensor:
+        """Several tasks in one backbone call (no gradient to their parameters): each
+        task's (B, C_t) logits of (B, ...) inputs, from one pass over a ``len(tasks)``
+        times larger batch; with ``alphas`` ((T,) weights), the (B, max C_t) logits of
+        the superposed network ``sum_t alphas[t] * W_t`` and heads (zero-padded)."""
+        self.context.tasks, self.context.alphas = tuple(tasks), alphas
+        try:
+            features = self.backbone(x if alphas is not None else x.repeat(
+                len(tasks), *[1] * (x.dim() - 1)))
+        finally:
+            self.context.tasks = self.context.alphas = None
+        heads = [self.heads[str(task)] for task in tasks]
+        if alphas is None:
+            return [head(chunk) for head, chunk in zip(heads, features.chunk(len(tasks)))]
+        width = max(head.out_features for head in heads)
+        return sum(alpha * nn.functional.pad(head(features), (0, width - head.out_features))
+                   for alpha, head in zip(alphas, heads))
 
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
         """(batch, ...) inputs of one task -> (batch, classes of that task) logits."""
@@ -329,12 +416,16 @@ class TaskAwareNetwork(MultiTaskModule):
                 "trained_tasks": list(self.trained_tasks),
                 "base_frozen": self.base_frozen,
                 "max_class_label": self.max_class_label,
-                "known_train_tasks_labels": sorted(self.known_train_tasks_labels)}
+                "known_train_tasks_labels": sorted(self.known_train_tasks_labels),
+                "task_class_ids": dict(self.task_class_ids)}
 
     def set_extra_state(self, state: dict) -> None:
         """Recreate the tasks recorded in ``state`` so that loading a state dict into a
         freshly converted network restores every task (loaded before the children), and
         what Avalanche's ``MultiTaskModule`` keeps."""
+        for task, classes in state.get("task_class_ids", {}).items():
+            if task not in self.adapted_tasks:
+                self.add_class_task(task, classes)
         for task in state["adapted_tasks"]:
             if task not in self.adapted_tasks:
                 self.add_task(task, state["task_classes"][task])

@@ -20,6 +20,8 @@ ROLES = ("head", "factors", "masks", "base")
 or the base network (trained with the first task under ``train_base_first``)."""
 MASK_LR_SCALE = 0.1
 """Mask scores' default learning rate, relative to the optimizer's."""
+TASK_INFERENCE = ("oracle", "prototype", "entropy", "energy", "supsup")
+"""How the network finds the task of a test input (see :mod:`.routing`)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,15 @@ class MethodOptions:
             and head) on the first experience, then freeze it: the original RKR protocol
             for users without pretrained weights.
         adapt_patch_embed: also adapt the patch-embedding convolution of transformers.
+        task_inference: how the task of a test input is found (:data:`TASK_INFERENCE`,
+            :mod:`~avalanche_maskrkr.routing`). ``"oracle"`` (default): the stream's task
+            label, task-incremental (the paper). Any other value is class-incremental:
+            every training experience becomes a new task of its own (Avalanche labels
+            them all 0), over the global class ids it brings, and at test time the network
+            chooses each input's task: ``"prototype"`` (nearest class mean of the frozen
+            base's features), ``"entropy"`` / ``"energy"`` (the most confident of the
+            task-specific passes) or ``"supsup"`` (SupSup's one-shot superposition, one
+            choice per batch; needs ``bn_policy="frozen"``).
     """
 
     name: ClassVar[str]
@@ -58,10 +69,17 @@ class MethodOptions:
     head_lr: float | None = None
     factor_lr: float | None = None
     mask_lr: float | None = None
+    task_inference: str = "oracle"
 
     def __post_init__(self) -> None:
         if self.bn_policy not in BN_POLICIES:
             raise ValueError(f"bn_policy must be one of {BN_POLICIES}, got {self.bn_policy!r}")
+        if self.task_inference not in TASK_INFERENCE:
+            raise ValueError(f"task_inference must be one of {TASK_INFERENCE}, "
+                             f"got {self.task_inference!r}")
+        if self.task_inference == "supsup" and self.bn_policy != "frozen":
+            raise ValueError("task_inference='supsup' superposes the tasks' weights; their "
+                             "own BatchNorm statistics cannot be: use bn_policy='frozen'")
         for name in ("head_lr", "factor_lr", "mask_lr"):
             value = getattr(self, name)
             if value is not None and not value > 0:

@@ -9,8 +9,10 @@ experience:
     (``head_lr``, ``factor_lr``, ``mask_lr``), keeping the optimizer's class and its
     other hyperparameters, with fresh state. Frozen parameters are never in it.
   * after training: re-estimates the task's own BatchNorm statistics for its adapted
-    network (``bn_policy="task_stats"``) from the experience's training inputs, then
-    freezes the task for good (masks packed to 1 bit per entry).
+    network (``bn_policy="task_stats"``) from the experience's training inputs, learns
+    its classes' means of base features for the prototype router
+    (``task_inference="prototype"``), then freezes the task for good (masks packed to 1
+    bit per entry).
 Task parameters and heads are created by the network's Avalanche ``adaptation``.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from .conversion import convert
-from .network import TaskAwareNetwork, experience_tasks
+from .network import TaskAwareNetwork
 from .options import MaskRKROptions, MethodOptions, PiggybackOptions, RKROptions, make_options
 
 
@@ -101,27 +103,37 @@ class MethodPlugin(SupervisedPlugin):
         if self._settings is None:  # the user's optimizer, as given
             self._settings = user_settings(strategy.optimizer)
         rates = self.options.learning_rates(self._settings["lr"])
-        roles = strategy.model.parameter_roles(experience_tasks(strategy.experience))
+        roles = strategy.model.parameter_roles(strategy.model.training_tasks(strategy.experience))
         point_optimizer(strategy.optimizer, roles, self._settings, rates)
 
     def after_training_exp(self, strategy, **kwargs):
-        tasks = experience_tasks(strategy.experience)
+        model = strategy.model
+        tasks = model.training_tasks(strategy.experience)
         if self.options.bn_policy == "task_stats":
             for task in tasks:
-                strategy.model.estimate_statistics(task, task_inputs(strategy, task))
+                inputs = (x for x, _ in task_batches(strategy, task))
+                model.estimate_statistics(task, inputs)
+        if self.options.task_inference == "prototype":
+            features, labels = zip(*[(model.base_features(x), y)
+                                     for x, y in task_batches(strategy, None)])
+            model.class_means.learn(torch.cat(features), torch.cat(labels))
         for task in tasks:
-            strategy.model.finish_task(task)
+            model.finish_task(task)
 
 
-def task_inputs(strategy, task: int) -> Iterator[torch.Tensor]:
-    """The current experience's training inputs of ``task`` (eval transforms), in
-    batches of ``strategy.eval_mb_size`` on the strategy's device."""
+@torch.no_grad()
+def task_batches(strategy, task: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The current experience's training (inputs, labels) of stream task label ``task``
+    (None, or a class-incremental network: all), eval transforms, in batches of
+    ``strategy.eval_mb_size`` on the strategy's device."""
     dataset = strategy.experience.dataset.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=strategy.eval_mb_size)
-    for x, _, t, *_ in loader:
-        x = x[t == task]
-        if len(x):
-            yield x.to(strategy.device)
+    if strategy.model.class_incremental:
+        task = None  # the experience is the task it became
+    for x, y, t, *_ in loader:
+        keep = slice(None) if task is None else t == task
+        if len(x[keep]):
+            yield x[keep].to(strategy.device), y[keep].to(strategy.device)
 
 
 class RKRPlugin(MethodPlugin):

@@ -31,9 +31,16 @@ class TaskContext:
     effective tensors that layers read for their ``weight`` and ``bias`` in this forward
     (``read_tensors``, emptied whenever the task is set: at the start and end of each
     network forward), and whether the network is estimating a task's BatchNorm
-    statistics (``estimating``, see :class:`~.batchnorm.TaskBatchStats`)."""
+    statistics (``estimating``, see :class:`~.batchnorm.TaskBatchStats`).
 
-    __slots__ = ("_task", "folds_checked", "_buffers", "read_tensors", "estimating")
+    Several tasks in one forward (task-free inference, :mod:`~avalanche_maskrkr.routing`):
+    ``tasks`` (with ``task`` None) names them; without ``alphas`` the batch is
+    ``len(tasks)`` equal chunks, chunk ``i`` computed by ``tasks[i]``; with ``alphas``
+    ((T,) weights) each task layer computes the superposition ``sum_t alphas[t] * W_t``
+    of the tasks' effective weights and biases (SupSup)."""
+
+    __slots__ = ("_task", "folds_checked", "_buffers", "read_tensors", "estimating", "tasks",
+                 "alphas")
 
     def __init__(self) -> None:
         self._task: int | None = None
@@ -41,6 +48,12 @@ class TaskContext:
         self._buffers: dict[tuple, torch.Tensor] = {}
         self.read_tensors: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.estimating = False
+        self.tasks: tuple[int, ...] | None = None
+        self.alphas: torch.Tensor | None = None
+
+    def chunks(self, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """(task, chunk) pairs of a batch of ``len(self.tasks)`` equal chunks."""
+        return list(zip(self.tasks, x.chunk(len(self.tasks))))
 
     @property
     def task(self) -> int | None:
@@ -63,6 +76,11 @@ class TaskContext:
         if buffer is None or buffer.numel() < numel:
             buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return buffer[:numel].view(shape)
+
+
+class SeveralTasksUnsupported(RuntimeError):
+    """A module reads a task layer's ``weight`` itself (torchvision's attention): it
+    cannot compute several tasks in one forward; compute them one at a time."""
 
 
 class TaskCost(NamedTuple):
@@ -234,6 +252,9 @@ class TaskAdaptedLayer(TaskModule):
         what the plain layer costs), else :meth:`effective`, differentiable and computed
         once per network forward however often it is read."""
         task = self.context.task
+        if self.context.tasks is not None:
+            raise SeveralTasksUnsupported(f"{type(self).__name__}.weight read in a forward "
+                                          "of several tasks")
         if task is None or not self.has_task(task):
             return self.base.weight, self.base.bias
         if not self.needs_grad(task):
@@ -259,11 +280,33 @@ class TaskAdaptedLayer(TaskModule):
         context, cache, task = self.context, self._fold_cache, self.context.task
         if context.folds_checked and cache is not None and cache[0] == task:
             return self.base_op(x, *cache[3])  # evaluation with a checked fold: the hot path
+        if context.tasks is not None:
+            return self.forward_tasks(x)
         if task is None or not self.has_task(task):
             return self.base(x)
         if self.needs_grad(task):
             return self.forward_train(x, task)
         return self.base_op(x, *self.folded(task))
+
+    @torch.no_grad()
+    def frozen_tensors(self, task: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of ``task`` without gradient: the base's where it has none here."""
+        if not self.has_task(task):
+            return self.base.weight, self.base.bias
+        return self.effective(task)
+
+    def forward_tasks(self, x: torch.Tensor) -> torch.Tensor:
+        """Several tasks in one forward (see :class:`TaskContext`): chunk ``i`` of ``x``
+        by ``tasks[i]``, or all of ``x`` by the ``alphas``-superposition of the tasks."""
+        context = self.context
+        if context.alphas is None:
+            return torch.cat([self.base_op(chunk, *self.frozen_tensors(task))
+                              for task, chunk in context.chunks(x)])
+        weights, biases = zip(*[self.frozen_tensors(task) for task in context.tasks])
+        alphas = context.alphas.to(weights[0].dtype)
+        weight = torch.tensordot(alphas, torch.stack(weights), 1)
+        bias = None if biases[0] is None else torch.tensordot(alphas, torch.stack(biases), 1)
+        return self.base_op(x, weight, bias)
 
     def extra_repr(self) -> str:
         return f"tasks={list(self.tasks.keys())}"

@@ -24,6 +24,15 @@ from torch.func import functional_call
 from .base import TaskContext, TaskModule
 
 
+def several_tasks(module: TaskModule, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(task, chunk) pairs of a forward of several tasks; task statistics cannot be
+    superposed (SupSup needs ``bn_policy="frozen"``)."""
+    if module.context.alphas is not None:
+        raise ValueError("a superposition of tasks has no BatchNorm statistics: task-free "
+                         "inference by superposition needs bn_policy='frozen'")
+    return module.context.chunks(x)
+
+
 class TaskBatchNorm(TaskModule):
     """Routes each task to its own copy of ``base`` (a BatchNorm layer)."""
 
@@ -38,10 +47,12 @@ class TaskBatchNorm(TaskModule):
         self.tasks[str(task)] = norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        task = self.context.task
-        if task is None or not self.has_task(task):
-            return self.base(x)
-        return self.tasks[str(task)](x)
+        if self.context.tasks is not None:
+            return torch.cat([self._norm(task)(chunk) for task, chunk in several_tasks(self, x)])
+        return self._norm(self.context.task)(x)
+
+    def _norm(self, task: int | None) -> nn.Module:
+        return self.tasks[str(task)] if str(task) in self.tasks else self.base
 
 
 class TaskBatchStats(TaskModule):
@@ -82,7 +93,12 @@ class TaskBatchStats(TaskModule):
         stats.num_batches_tracked.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        key = str(self.context.task)
+        if self.context.tasks is not None:
+            return torch.cat([self._forward(chunk, str(task))
+                              for task, chunk in several_tasks(self, x)])
+        return self._forward(x, str(self.context.task))
+
+    def _forward(self, x: torch.Tensor, key: str) -> torch.Tensor:
         if key not in self.tasks:
             return self.base(x)
         stats = self.tasks[key]
