@@ -1,13 +1,17 @@
 """Class-incremental learning on a frozen pretrained backbone (SPEC section 8).
 
 No task label at test time: a model's ``forward(x)`` scores every class seen so far,
-column ``c`` for global class id ``c``. Training an experience takes no gradient step:
-one pass over its data updates class statistics, from which the classifier is computed.
+column ``c`` for global class id ``c``. Training an experience takes no gradient step
+(APER's first experience aside): one pass over its data updates class statistics, from
+which the classifier is computed.
   * :mod:`.prototypes`: SimpleCIL, a cosine classifier over class-mean features, and the
-    frozen backbone and strategy base both methods share;
-  * :mod:`.ranpac`: RanPAC, a ridge classifier on randomly projected features.
+    frozen backbone and strategy base the methods share;
+  * :mod:`.ranpac`: RanPAC, a ridge classifier on randomly projected features;
+  * :mod:`.aper`: APER, SimpleCIL on pretrained and once-adapted features concatenated.
 """
+from .aper import APER, APERClassifier
 from .prototypes import FrozenBackbone, PrototypeClassifier, SimpleCIL
 from .ranpac import RanPAC, RanPACClassifier
 
-__all__ = ["FrozenBackbone", "PrototypeClassifier", "RanPACClassifier", "RanPAC", "SimpleCIL"]
+__all__ = ["APER", "APERClassifier", "FrozenBackbone", "PrototypeClassifier",
+           "RanPACClassifier", "RanPAC", "SimpleCIL"]

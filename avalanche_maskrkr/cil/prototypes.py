@@ -1,11 +1,14 @@
 """SimpleCIL (Zhou et al.): class-mean prototypes of a frozen backbone, cosine classifier.
 
-Also the pieces both class-incremental methods share: :class:`FrozenBackbone` (a
-classifier with its head removed, frozen, always in eval mode) and
+Also the pieces the class-incremental methods share: :class:`FrozenBackbone` (a
+classifier with its head removed, frozen, always in eval mode), :class:`CosinePrototypes`
+(the cosine classifier over class means of any backbone, also APER's) and
 :class:`FeatureStatisticsStrategy` (an Avalanche strategy whose "training" of an
 experience is one pass computing features, handed to the model's ``learn``).
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +17,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..conversion import find_classifier
+
+
+def remove_classifier(model: nn.Module, head_name: str | None = None) -> int:
+    """Replace ``model``'s classifier by ``nn.Identity()`` in place; returns its input size."""
+    head_name = find_classifier(model, head_name)
+    feature_dim = model.get_submodule(head_name).in_features
+    model.set_submodule(head_name, nn.Identity())
+    return feature_dim
 
 
 class FrozenBackbone(nn.Module):
@@ -25,9 +36,7 @@ class FrozenBackbone(nn.Module):
 
     def __init__(self, model: nn.Module, head_name: str | None = None):
         super().__init__()
-        head_name = find_classifier(model, head_name)
-        self.feature_dim = model.get_submodule(head_name).in_features
-        model.set_submodule(head_name, nn.Identity())
+        self.feature_dim = remove_classifier(model, head_name)
         model.requires_grad_(False)
         self.model = model
         self.train(False)
@@ -45,17 +54,18 @@ def unseen_columns_masked(logits: Tensor, seen: Tensor) -> Tensor:
     return logits.masked_fill(~seen, float("-inf"))
 
 
-class PrototypeClassifier(nn.Module):
-    """Cosine classifier over class-mean features: ``(B, ...) -> (B, K)``.
+class CosinePrototypes(nn.Module):
+    """Cosine classifier over class-mean features of ``backbone``: ``(B, ...) -> (B, K)``.
 
+    ``backbone`` maps ``(B, ...) -> (B, D)`` without gradient and has ``feature_dim`` D.
     ``K`` is the largest class id seen + 1 (the number of classes seen when ids come in
     order); columns of ids not seen yet are -inf. Prototypes: ``prototypes`` (K, D).
     """
 
-    def __init__(self, model: nn.Module, head_name: str | None = None):
+    def __init__(self, backbone: nn.Module):
         super().__init__()
-        self.backbone = FrozenBackbone(model, head_name)
-        self.register_buffer("prototypes", torch.zeros(0, self.backbone.feature_dim))
+        self.backbone = backbone
+        self.register_buffer("prototypes", torch.zeros(0, backbone.feature_dim))
         self.register_buffer("seen", torch.zeros(0, dtype=torch.bool))
 
     @torch.no_grad()
@@ -75,16 +85,30 @@ class PrototypeClassifier(nn.Module):
         return unseen_columns_masked(logits, self.seen)
 
 
+class PrototypeClassifier(CosinePrototypes):
+    """SimpleCIL's model: :class:`CosinePrototypes` of ``model`` as a :class:`FrozenBackbone`."""
+
+    def __init__(self, model: nn.Module, head_name: str | None = None):
+        super().__init__(FrozenBackbone(model, head_name))
+
+
+def dataset_batches(dataset, batch_size: int,
+                    device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """Inputs (B, ...) and labels (B,) of an Avalanche dataset on ``device``, in order."""
+    loader = DataLoader(dataset, batch_size=batch_size,
+                        collate_fn=getattr(dataset, "collate_fn", None))
+    for x, y, *_ in loader:
+        yield x.to(device), y.to(device)
+
+
 @torch.no_grad()
 def dataset_features(backbone: nn.Module, dataset, batch_size: int,
                      device: torch.device) -> tuple[Tensor, Tensor]:
     """Backbone features (N, D) and labels (N,) of an Avalanche dataset, in order."""
-    loader = DataLoader(dataset, batch_size=batch_size,
-                        collate_fn=getattr(dataset, "collate_fn", None))
     features, labels = [], []
-    for x, y, *_ in loader:
-        features.append(backbone(x.to(device)))
-        labels.append(y.to(device))
+    for x, y in dataset_batches(dataset, batch_size, device):
+        features.append(backbone(x))
+        labels.append(y)
     return torch.cat(features), torch.cat(labels)
 
 
