@@ -15,15 +15,18 @@ from . import runner
 from .acceleration import PRECISIONS
 from .accounting import parameter_report
 from .baselines import BaselineOptions
-from .benchmarks import BENCHMARK_DEFAULTS, DECATHLON_TEST_SPLITS
+from .benchmarks import BENCHMARK_DEFAULTS, DECATHLON_TEST_SPLITS, SCENARIOS
 from .checkpoint import CheckpointError, WeightsError
-from .config import OPTIMIZERS, ConfigError, RunConfig
+from .config import (DEFAULT_CLASS_STRATEGIES, DEFAULT_STRATEGIES, OPTIMIZERS, ConfigError,
+                     RunConfig)
 from .layers import PLACEMENTS
-from .options import BN_POLICIES, METHODS
-from .registry import STRATEGIES, option_users
+from .options import BN_POLICIES, METHODS, TASK_INFERENCE
+from .routing import DEFAULT_TASK_INFERENCE
+from .registry import APER_ADAPTERS, PretrainedModelOptions, option_users, strategies_for
 
 REPORT_CSV_COLUMNS = ["method", "rank", "total_params", "overhead_pct"]
-CHOICES = {"bn_policy": BN_POLICIES, "mask_placement": PLACEMENTS}
+CHOICES = {"bn_policy": BN_POLICIES, "mask_placement": PLACEMENTS,
+           "task_inference": TASK_INFERENCE, "adapter": APER_ADAPTERS}
 
 
 def _add_params_parser(subparsers) -> None:
@@ -61,10 +64,13 @@ def _add_option_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "method and baseline options", "Default: each method's or baseline's own (shown); "
         "see avalanche_maskrkr.options and avalanche_maskrkr.baselines.BaselineOptions.")
-    defaults = {f.name: f.default for cls in (*METHODS.values(), BaselineOptions)
+    defaults = {f.name: f.default for cls in (*METHODS.values(), BaselineOptions,
+                                              PretrainedModelOptions)
                 for f in dataclasses.fields(cls)}
     for name, default in defaults.items():
-        shown = "off; on without pretrained weights" if name == "train_base_first" else default
+        shown = {"train_base_first": "off; on without pretrained weights",
+                 "task_inference": f"oracle; --scenario class: {DEFAULT_TASK_INFERENCE}"
+                 }.get(name, default)
         kwargs: dict[str, Any] = {"default": None, "dest": f"option_{name}",
                                   "help": f"{', '.join(option_users(name))} (default: {shown})"}
         if isinstance(default, bool):
@@ -83,6 +89,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     d = RunConfig()
     data = parser.add_argument_group("data and model")
     data.add_argument("--benchmark", choices=sorted(BENCHMARK_DEFAULTS), default=d.benchmark)
+    data.add_argument("--scenario", choices=SCENARIOS, default=d.scenario,
+                      help="task-incremental (task label at test time, classes from 0 in each "
+                           "task) or class-incremental (no task label, one label space; the "
+                           "published class order on cifar100 and imagenet; not decathlon)")
     data.add_argument("--data-root", metavar="DIR",
                       help="dataset folder (cifar100: holds cifar-100-python; imagenet: "
                            "train/ and val/; decathlon: the decathlon-1.0 folder)")
@@ -106,8 +116,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     weights.add_argument("--weights", metavar="FILE", help="local .safetensors, .pth or "
                          ".npz (timm's original ViT) weights; the classifier is skipped")
     train = parser.add_argument_group("training")
-    train.add_argument("--strategies", default=",".join(d.strategies),
-                       help=f"comma-separated, from: {', '.join(STRATEGIES)}")
+    train.add_argument("--strategies", help="comma-separated (default: "
+                       + ",".join(DEFAULT_STRATEGIES) + "; with --scenario class: "
+                       + ",".join(DEFAULT_CLASS_STRATEGIES) + "), from: "
+                       + ", ".join(strategies_for("task")) + "; with --scenario class: "
+                       + ", ".join(strategies_for("class")))
     train.add_argument("--epochs", type=int, default=d.epochs, help="per experience")
     train.add_argument("--batch-size", type=int, default=d.batch_size)
     train.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
@@ -144,8 +157,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     options = {k.removeprefix("option_"): v for k, v in values.items()
                if k.startswith("option_") and v is not None}
     names = {f.name for f in dataclasses.fields(RunConfig)} - {"options", "strategies"}
-    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
-    return RunConfig(**{k: values[k] for k in names if k in values}, strategies=strategies,
+    strategies = tuple(s.strip() for s in (args.strategies or "").split(",") if s.strip())
+    return RunConfig(**{k: values[k] for k in names if k in values}, strategies=strategies or None,
                      options=options)
 
 

@@ -13,13 +13,18 @@ from avalanche.distributed import DistributedHelper
 
 from .benchmarks import BENCHMARK_DEFAULTS, DECATHLON_TEST_SPLITS
 from .options import METHODS, make_options
-from .registry import STRATEGIES, strategy_option_names, trains_masks
+from .registry import strategies_for, strategy_option_names, trains_masks
+from .routing import DEFAULT_TASK_INFERENCE
 
 DEFAULT_STRATEGIES = ("rkr", "piggyback", "mask-rkr", "naive", "single", "ewc", "lwf")
+DEFAULT_CLASS_STRATEGIES = ("simplecil", "ranpac", "aper", "rkr", "piggyback", "mask-rkr",
+                            "naive", "lwf", "replay")
+"""What ``--scenario class`` runs unless told otherwise."""
 DEFAULT_LR: dict[str, float] = {
     "rkr": 3e-3, "piggyback": 1e-3, "mask-rkr": 2e-3, "naive": 1e-3, "single": 1e-3,
     "multi-head": 1e-3, "ewc": 1e-3, "lwf": 1e-3, "si": 1e-3, "replay": 1e-3,
-    "packnet": 1e-3,
+    "packnet": 1e-3, "der": 1e-3, "icarl": 1e-3, "aper": 1e-3,
+    "simplecil": 1e-3, "ranpac": 1e-3,  # no gradient step: unused
 }
 """Adam learning rate of each strategy when --lr is not given (see :func:`strategy_lr`).
 Average accuracy on the default digits job (5 epochs) at each rate tried:
@@ -60,6 +65,7 @@ class RunConfig:
     """
 
     benchmark: str = "digits"
+    scenario: str = "task"
     data_root: str | None = None
     decathlon_test_split: str = "val"
     tasks: int | None = None
@@ -67,7 +73,7 @@ class RunConfig:
     img_size: int | None = None
     pretrained: bool = False
     weights: str | None = None
-    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
+    strategies: tuple[str, ...] | None = None
     epochs: int = 5
     batch_size: int = 32
     eval_batch_size: int = 256
@@ -100,20 +106,27 @@ class Variant:
 
 def resolve(config: RunConfig) -> RunConfig:
     """Fill the ``None`` defaults of ``config`` and check its names."""
+    try:
+        known = strategies_for(config.scenario)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    strategies = config.strategies or (DEFAULT_STRATEGIES if config.scenario == "task"
+                                       else DEFAULT_CLASS_STRATEGIES)
     if config.benchmark not in BENCHMARK_DEFAULTS:
         raise ConfigError(f"unknown benchmark {config.benchmark!r}; choose one of "
                           f"{sorted(BENCHMARK_DEFAULTS)}")
     if config.decathlon_test_split not in DECATHLON_TEST_SPLITS:
         raise ConfigError(f"decathlon_test_split must be one of {DECATHLON_TEST_SPLITS}, got "
                           f"{config.decathlon_test_split!r}")
-    if unknown := [s for s in config.strategies if s not in STRATEGIES]:
-        raise ConfigError(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
+    if unknown := [s for s in strategies if s not in known]:
+        raise ConfigError(f"unknown {config.scenario}-incremental strategies {unknown}; "
+                          f"choose from {list(known)}")
     defaults = BENCHMARK_DEFAULTS[config.benchmark]
     model = config.model or defaults.model
     options = dict(config.options)
     options.setdefault("train_base_first", not pretrained(config))
     return dataclasses.replace(
-        config, model=model, img_size=config.img_size or defaults.img_size, options=options,
+        config, strategies=tuple(strategies), model=model, img_size=config.img_size or defaults.img_size, options=options,
         threads=config.threads or defaults.threads,
         device=config.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         out=config.out or str(Path("results") / f"{config.benchmark}-{model}"),
@@ -140,9 +153,10 @@ def strategy_options(config: RunConfig, variant: Variant) -> dict[str, Any]:
         ConfigError: an unknown strategy, an option of the variant that its strategy
             does not have, or a method option with an invalid value.
     """
-    if variant.strategy not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {variant.strategy!r} for {variant.label!r}; "
-                          f"choose from {list(STRATEGIES)}")
+    known = strategies_for(config.scenario)
+    if variant.strategy not in known:
+        raise ConfigError(f"unknown {config.scenario}-incremental strategy "
+                          f"{variant.strategy!r} for {variant.label!r}; choose from {list(known)}")
     names = strategy_option_names(variant.strategy)
     if unknown := sorted(set(variant.options) - names):
         raise ConfigError(f"{variant.label}: {variant.strategy} has no option(s) {unknown}")
@@ -150,6 +164,12 @@ def strategy_options(config: RunConfig, variant: Variant) -> dict[str, Any]:
     if trains_masks(variant.strategy) and not pretrained(config) and config.lr is None:
         options.setdefault("mask_lr", strategy_lr(config, variant))  # the from-scratch job's
     if variant.strategy in METHODS:
+        inference = options.setdefault(
+            "task_inference", "oracle" if config.scenario == "task" else DEFAULT_TASK_INFERENCE)
+        if (inference == "oracle") != (config.scenario == "task"):
+            raise ConfigError(f"{variant.label}: task_inference {inference!r} does not apply "
+                              f"to a {config.scenario}-incremental run (--scenario task: "
+                              "oracle; --scenario class: a router)")
         try:
             make_options(variant.strategy, **options)
         except (TypeError, ValueError) as err:

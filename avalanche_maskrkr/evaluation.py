@@ -20,6 +20,10 @@ experience, ``i``: training experience, all zero-padded to three digits):
   the number of ``strategy.train`` calls so far minus one. Avalanche's metric
   raises ``TypeError`` if ``eval`` is called before the first ``train``.
 * ``Time_Epoch/train_phase/train_stream/Task{t}``: seconds per training epoch.
+* ``Time_Exp/train_phase/train_stream/Task{t}/Exp{i}``: seconds of each experience's
+  training, epochs and what the strategy does after them (a method's BatchNorm
+  statistics and class means; SimpleCIL's and RanPAC's pass, which has no epoch loop):
+  see :class:`TrainingTime`.
 * ``PeakMemory_MB/train_phase/train_stream/Task{t}/Exp{i}``: see
   :class:`PeakMemory` (CUDA only).
 * ``TaskId_Acc_Exp/eval_phase/test_stream/Task{t}/Exp{j}``: see
@@ -37,6 +41,7 @@ counter when the value was logged.
 from __future__ import annotations
 
 import re
+import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -67,7 +72,8 @@ MetricHistory = Mapping[str, tuple[Sequence[int], Sequence[Any]]]
 """``EvaluationPlugin.get_all_metrics()``: name -> (x_steps, values)."""
 
 _BYTES_PER_MB = 1024 * 1024
-EPOCH_TIME_PREFIX = "Time_Epoch/train_phase/"
+TRAINING_TIME = "Time_Exp"
+TRAINING_TIME_PREFIX = f"{TRAINING_TIME}/train_phase/"
 PEAK_MEMORY_PREFIX = "PeakMemory_MB/train_phase/"
 PARAMS_TOTAL = "Params_Total"
 BYTES_PER_TASK = "Bytes_Per_Task"
@@ -162,6 +168,42 @@ class ParameterCost(PluginMetric[dict]):
         return PARAMS_TOTAL
 
 
+class TrainingTime(PluginMetric[float]):
+    """Wall-clock seconds of each training experience, from before its first epoch to
+    after the strategy's own work at its end (plugins' ``after_training_exp`` run
+    before this metric's, the evaluator being the last plugin), logged as
+    ``Time_Exp/train_phase/train_stream/Task{t:03}/Exp{i:03}``. On CUDA the device is
+    synchronised first, so queued kernels are counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reset()
+
+    def reset(self) -> None:
+        self._start, self._seconds = 0.0, 0.0
+
+    def result(self) -> float:
+        return self._seconds
+
+    def before_training_exp(self, strategy: SupervisedTemplate) -> None:
+        _synchronize(strategy.device)
+        self._start = time.perf_counter()
+
+    def after_training_exp(self, strategy: SupervisedTemplate) -> MetricResult:
+        _synchronize(strategy.device)
+        self._seconds = time.perf_counter() - self._start
+        name = get_metric_name(TRAINING_TIME, strategy, add_experience=True)
+        return [MetricValue(self, name, self._seconds, strategy.clock.train_iterations)]
+
+    def __str__(self) -> str:
+        return TRAINING_TIME
+
+
+def _synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class TaskIdentificationAccuracy(PluginMetric[float]):
     """Task-free inference: the share of an evaluated experience's inputs whose task the
     class-incremental network chose right (the task that learned its class), logged as
@@ -224,6 +266,7 @@ def make_evaluator(
         *accuracy_metrics(experience=True, stream=not resumable),
         *timing_metrics(epoch=True),
         PeakMemory(),
+        TrainingTime(),
         TaskIdentificationAccuracy(),
     ]
     if not resumable:
@@ -262,8 +305,8 @@ def _values_with_prefix(history: MetricHistory, prefix: str) -> list[float]:
 
 
 def total_train_time(evaluator_or_metrics: EvaluationPlugin | MetricHistory) -> float:
-    """Seconds spent in training epochs: the sum of all ``Time_Epoch`` values."""
-    return sum(_values_with_prefix(_history(evaluator_or_metrics), EPOCH_TIME_PREFIX))
+    """Seconds spent training: the sum of all :class:`TrainingTime` values."""
+    return sum(_values_with_prefix(_history(evaluator_or_metrics), TRAINING_TIME_PREFIX))
 
 
 def peak_memory_mb(evaluator_or_metrics: EvaluationPlugin | MetricHistory) -> float:
@@ -286,6 +329,20 @@ def parameter_cost(evaluator_or_metrics: EvaluationPlugin | MetricHistory) -> di
             raise ValueError(f"no {name} value logged: add ParameterCost() to the evaluator")
         cost[key] = float(max(logged, key=lambda pair: pair[0])[1])
     return cost
+
+
+def final_task_id_accuracy(evaluator_or_metrics: EvaluationPlugin | MetricHistory,
+                           sizes: Sequence[int]) -> float | None:
+    """Task-identification accuracy over the whole test stream at the last evaluation:
+    each experience's last logged :class:`TaskIdentificationAccuracy`, weighted by its
+    test-set size (``sizes``); None if none was logged (a model that infers no task)."""
+    pattern = re.compile(rf"^{TASK_ID_ACCURACY}/eval_phase/test_stream/(?:Task\d+/)?Exp(\d+)$")
+    last = {int(match.group(1)): values[-1]
+            for name, (_, values) in _history(evaluator_or_metrics).items()
+            if (match := pattern.match(name))}
+    if not last:
+        return None
+    return float(sum(last[j] * sizes[j] for j in last) / sum(sizes[j] for j in last))
 
 
 def collect_accuracy_matrix(

@@ -29,6 +29,15 @@ from torch import Tensor, nn
 
 from .layers import SeveralTasksUnsupported
 
+DEFAULT_TASK_INFERENCE = "prototype"
+"""The router the runner gives the methods on a class-incremental run (see
+benchmarks/RESULTS.md, "Class-incremental: task-free inference")."""
+
+
+def unseen_masked(logits: Tensor, seen: Tensor) -> Tensor:
+    """``logits`` (B, K) with the columns of classes not seen (``seen`` (K,) bool) at -inf."""
+    return logits.masked_fill(~seen, float("-inf"))
+
 
 class GrowingBuffers(nn.Module):
     """A module whose buffers grow as classes arrive: loading a state dict first resizes
@@ -66,8 +75,8 @@ class ClassMeans(GrowingBuffers):
 
     def cosine(self, features: Tensor) -> Tensor:
         """(B, D) features -> (B, K) cosine similarities; classes not seen at -inf."""
-        scores = F.normalize(features, dim=1) @ F.normalize(self.means, dim=1).T
-        return scores.masked_fill(~self.seen, float("-inf"))
+        return unseen_masked(F.normalize(features, dim=1) @ F.normalize(self.means, dim=1).T,
+                             self.seen)
 
 
 def entropy(logits: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Run continual-learning strategies over a task-incremental benchmark.
+"""Run continual-learning strategies over a task- or class-incremental benchmark.
 
 With no arguments: RKR, Piggyback, Mask-RKR and the baselines naive (multi-head
 fine-tuning), single (one model per task), EWC and LwF on scikit-learn's digits (5 tasks
@@ -15,6 +15,14 @@ i), plots, and checkpoints/<strategy>.pt after every experience (replay and pack
 their end). The same command run again resumes after the last finished experience
 (finished strategies are not retrained) and gives the same results; a checkpoint from
 another configuration is an error (pass --restart to start over).
+
+With --scenario class: no task label at test time, one label space (the published class
+order on CIFAR-100 and ImageNet: seed 1993; --seed seeds the training), and the
+strategies SimpleCIL, RanPAC, APER, RKR, Piggyback and Mask-RKR with task-free inference
+(--task-inference, default: the prototype router) and Avalanche's naive fine-tuning, LwF
+and Replay (also ewc, si, der, icarl). summary.csv then has the columns strategy,
+avg_incremental_accuracy, last_accuracy, forgetting, task_id_accuracy (the routers'),
+total_params, overhead_pct, train_seconds.
 
 Several processes: torchrun --nproc_per_node N -m avalanche_maskrkr run ... (gloo on
 CPU, nccl on CUDA, one GPU per process). Each process trains its shard of every batch of
@@ -64,14 +72,16 @@ from .evaluation import (
     MetricHistory,
     ParameterCost,
     collect_accuracy_matrix,
+    final_task_id_accuracy,
     make_evaluator,
     parameter_cost,
     total_train_time,
 )
 from .models import create_backbone
 from .plots import plot_all
-from .registry import STRATEGIES
-from .results import format_table, strategy_slug, summary_frame, summary_row, write_results
+from .registry import strategies_for
+from .results import (class_summary_row, format_table, strategy_slug, summary_frame, summary_row,
+                      write_results)
 
 __all__ = ["ExperienceHook", "RunConfig", "RunResult", "Variant", "build_backbone",
            "build_benchmark", "build_strategy", "run"]
@@ -89,13 +99,15 @@ class RunResult:
 
 # -- building blocks -----------------------------------------------------------------------
 def build_benchmark(config: RunConfig):
-    """The task-labelled scenario of a resolved ``config`` (see :mod:`.benchmarks`)."""
+    """The task- or class-incremental scenario of a resolved ``config`` (see
+    :mod:`.benchmarks`; class-incremental: the published class order)."""
     # Pretrained backbones get their own normalisation, when timm knows it.
     backbone = (config.model if (config.pretrained or config.weights)
                 and timm.get_pretrained_cfg(config.model) is not None else None)
     try:
-        return build_stream(config.benchmark, config.img_size, seed=config.seed,
-                            tasks=config.tasks, data_root=config.data_root, backbone=backbone,
+        return build_stream(config.benchmark, config.img_size,
+                            seed=config.seed if config.scenario == "task" else None,
+                            scenario=config.scenario, tasks=config.tasks, data_root=config.data_root, backbone=backbone,
                             decathlon_test_split=config.decathlon_test_split)
     except ValueError as err:
         raise ConfigError(str(err)) from err
@@ -125,7 +137,7 @@ def build_strategy(config: RunConfig, variant: Variant, num_classes: int) -> Sup
                                           channels_last=config.channels_last))
     # Metrics that keep no state between experiences: a checkpoint's history suffices.
     evaluator = make_evaluator(extra_metrics=[ParameterCost()], resumable=True)
-    strategy = STRATEGIES[variant.strategy](
+    strategy = strategies_for(config.scenario)[variant.strategy](
         functools.partial(build_backbone, config), num_classes, make_optimizer,
         strategy_options(config, variant), criterion=nn.CrossEntropyLoss(),
         train_mb_size=config.batch_size, train_epochs=config.epochs,
@@ -161,8 +173,7 @@ def _run_variant(config: RunConfig, variant: Variant, scenario, path: Path,
         bar.update(n)
         return saved["metrics"]
     seed_everything(config.seed)
-    num_classes = len(scenario.train_stream[0].classes_in_this_experience)
-    strategy = build_strategy(config, variant, num_classes)
+    strategy = build_strategy(config, variant, _num_classes(config, scenario))
     start = 0
     if saved is not None:
         restore(strategy, saved)
@@ -184,6 +195,14 @@ def _run_variant(config: RunConfig, variant: Variant, scenario, path: Path,
         if after_experience is not None:
             after_experience(variant.label, k)
     return strategy.evaluator.get_all_metrics()
+
+
+def _num_classes(config: RunConfig, scenario) -> int:
+    """The classifier size a strategy's backbone is built with: the first task's classes
+    (task-incremental), or every class of the stream (class-incremental)."""
+    if config.scenario == "class":
+        return scenario.n_classes
+    return len(scenario.train_stream[0].classes_in_this_experience)
 
 
 def _checkpoint_path(out: Path, label: str) -> Path:
@@ -264,13 +283,16 @@ def _announce(config: RunConfig, tasks: int, saved: Mapping[str, dict | None]) -
 def _summarise(config: RunConfig, histories: Mapping[str, MetricHistory],
                scenario) -> RunResult:
     n = len(scenario.train_stream)
-    classes = len(scenario.train_stream[0].classes_in_this_experience)
-    single, _ = single_model_size(config.model, classes, config.img_size)
+    single, _ = single_model_size(config.model, _num_classes(config, scenario), config.img_size)
+    sizes = [len(experience.dataset) for experience in scenario.test_stream]
     rows, matrices = [], {}
     for label, history in histories.items():
         matrices[label] = collect_accuracy_matrix(history, n)
         total = parameter_cost(history)["total_params"]
-        rows.append(summary_row(label, matrices[label], round(total),
-                                round(100 * (total - single) / single, 3),
-                                total_train_time(history)))
+        cost = (round(total), round(100 * (total - single) / single, 3), total_train_time(history))
+        if config.scenario == "task":
+            rows.append(summary_row(label, matrices[label], *cost))
+        else:
+            rows.append(class_summary_row(label, matrices[label], sizes, *cost,
+                                          task_id_accuracy=final_task_id_accuracy(history, sizes)))
     return RunResult(config, summary_frame(rows), matrices)

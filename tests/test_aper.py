@@ -175,7 +175,7 @@ def test_bottleneck_trains_once_features_by_hand_prototypes_are_class_means():
     torch.testing.assert_close(features, hand)
     classes = CLASS_ORDER[:6]
     means = class_means(hand, y, classes)
-    torch.testing.assert_close(strategy.model.prototypes[classes], means)
+    torch.testing.assert_close(strategy.model.means[classes], means)
     assert strategy.model.seen.nonzero().flatten().tolist() == sorted(classes)
     logits = strategy.model(x)
     cosine = F.normalize(hand, dim=1) @ F.normalize(means, dim=1).T
@@ -212,7 +212,7 @@ def test_method_adapter_on_a_cnn_trains_once_features_concatenate(adapter):
         torch.testing.assert_close(base, reference(x))
         torch.testing.assert_close(network.heads["0"](adapted), network.forward_single_task(x, 0))
     classes = CLASS_ORDER[:6]
-    torch.testing.assert_close(strategy.model.prototypes[classes],
+    torch.testing.assert_close(strategy.model.means[classes],
                                class_means(features, y, classes))
     x_test, y_test = tensors(stream.test_stream[:3])
     accuracy = strategy.eval(stream.test_stream[:3])[ACCURACY]

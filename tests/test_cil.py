@@ -64,7 +64,7 @@ def test_simplecil_prototypes_are_class_means_and_logits_cosine():
     x, y = tensors(stream.train_stream[:2])
     features = reference.features(x).detach()
     means = torch.stack([features[y == c].mean(0) for c in range(4)])
-    torch.testing.assert_close(strategy.model.prototypes, means)
+    torch.testing.assert_close(strategy.model.means, means)
     cosine = F.normalize(features, dim=1) @ F.normalize(means, dim=1).T
     torch.testing.assert_close(strategy.model(x), cosine)
     after = {k: v for k, v in strategy.model.state_dict().items() if "backbone" in k}

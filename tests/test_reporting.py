@@ -252,11 +252,12 @@ def test_scores_match_avalanche(avalanche_run) -> None:
     assert bwt(matrix) == pytest.approx(final["StreamBWT/eval_phase/test_stream"])
 
 
-def test_epoch_times_logged(avalanche_run) -> None:
+def test_training_times_logged(avalanche_run) -> None:
     evaluator, _ = avalanche_run
     history = evaluator.get_all_metrics()
-    epoch_times = [
-        v for k, (_, vals) in history.items() if k.startswith("Time_Epoch/") for v in vals
-    ]
-    assert len(epoch_times) == N_EXP
-    assert total_train_time(evaluator) == pytest.approx(sum(epoch_times))
+    epoch_times, experience_times = (
+        [v for k, (_, vals) in history.items() if k.startswith(prefix) for v in vals]
+        for prefix in ("Time_Epoch/", "Time_Exp/train_phase/"))
+    assert len(epoch_times) == len(experience_times) == N_EXP
+    assert all(e >= epoch > 0 for e, epoch in zip(experience_times, epoch_times))
+    assert total_train_time(evaluator) == pytest.approx(sum(experience_times))

@@ -28,6 +28,7 @@ from ..conversion import convert
 from ..network import TaskAwareNetwork
 from ..options import METHODS, make_options
 from ..plugins import clear_state, point_optimizer, user_settings
+from ..routing import GrowingBuffers
 from .prototypes import (CosinePrototypes, FeatureStatisticsStrategy, dataset_batches,
                          remove_classifier)
 
@@ -78,7 +79,7 @@ class ParallelMLP(nn.Module):
         return out + self.branch(x) if self.enabled else out
 
 
-class AdaptedBackbone(nn.Module):
+class AdaptedBackbone(GrowingBuffers):
     """A pretrained backbone (D features) with a trainable module: ``(B, ...) -> (B, 2D)``
     features ``[base_features, adapted_features]``, without gradient.
 
@@ -146,6 +147,16 @@ class AdaptedBackbone(nn.Module):
 
     def train(self, mode: bool = True) -> AdaptedBackbone:
         return super().train(mode and not self.frozen)
+
+    def get_extra_state(self) -> dict:
+        return {"frozen": self.frozen}
+
+    def set_extra_state(self, state: dict) -> None:
+        """A state saved after the first experience restores a frozen module."""
+        if state["frozen"]:
+            self.requires_grad_(False)
+            self.frozen = True
+            self.train(False)
 
 
 class BottleneckBackbone(AdaptedBackbone):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..conversion import find_classifier
+from ..routing import ClassMeans
 
 
 def remove_classifier(model: nn.Module, head_name: str | None = None) -> int:
@@ -49,40 +50,21 @@ class FrozenBackbone(nn.Module):
         return self.model(x)
 
 
-def unseen_columns_masked(logits: Tensor, seen: Tensor) -> Tensor:
-    """``logits`` (B, K) with the columns of classes not seen (``seen`` (K,) bool) at -inf."""
-    return logits.masked_fill(~seen, float("-inf"))
-
-
-class CosinePrototypes(nn.Module):
+class CosinePrototypes(ClassMeans):
     """Cosine classifier over class-mean features of ``backbone``: ``(B, ...) -> (B, K)``.
 
     ``backbone`` maps ``(B, ...) -> (B, D)`` without gradient and has ``feature_dim`` D.
     ``K`` is the largest class id seen + 1 (the number of classes seen when ids come in
-    order); columns of ids not seen yet are -inf. Prototypes: ``prototypes`` (K, D).
+    order); columns of ids not seen yet are -inf. Prototypes: ``means`` (K, D), set by
+    ``learn(features, labels)`` (:class:`~avalanche_maskrkr.routing.ClassMeans`).
     """
 
     def __init__(self, backbone: nn.Module):
-        super().__init__()
+        super().__init__(backbone.feature_dim)
         self.backbone = backbone
-        self.register_buffer("prototypes", torch.zeros(0, backbone.feature_dim))
-        self.register_buffer("seen", torch.zeros(0, dtype=torch.bool))
-
-    @torch.no_grad()
-    def learn(self, features: Tensor, labels: Tensor) -> None:
-        """Set each class's prototype to its mean feature; features (N, D), labels (N,)."""
-        classes = labels.unique()
-        size = max(len(self.seen), int(classes.max()) + 1)
-        self.prototypes = F.pad(self.prototypes, (0, 0, 0, size - len(self.prototypes)))
-        self.seen = F.pad(self.seen, (0, size - len(self.seen)))
-        for c in classes:
-            self.prototypes[c] = features[labels == c].mean(0)
-            self.seen[c] = True
 
     def forward(self, x: Tensor) -> Tensor:
-        features = F.normalize(self.backbone(x), dim=1)
-        logits = features @ F.normalize(self.prototypes, dim=1).T
-        return unseen_columns_masked(logits, self.seen)
+        return self.cosine(self.backbone(x))
 
 
 class PrototypeClassifier(CosinePrototypes):
@@ -116,7 +98,9 @@ class FeatureStatisticsStrategy(SupervisedTemplate):
     """Avalanche strategy for a model with a ``backbone`` and ``learn(features, labels)``.
 
     Training an experience is one pass over its dataset with its eval transform (no
-    gradient step; ``train_epochs`` is 1); the usual callbacks and evaluation plugins run.
+    gradient step; ``train_epochs`` is 1), counted as one training iteration (so each
+    evaluation after an experience has its own step in the metric history); the usual
+    callbacks and evaluation plugins run.
     Samples of classes the model has no column for yet get a -inf logit, so their loss
     is inf and they are never predicted.
     """
@@ -140,6 +124,7 @@ class FeatureStatisticsStrategy(SupervisedTemplate):
         features, labels = dataset_features(self.model.backbone, self.experience.dataset.eval(),
                                             self.eval_mb_size, self.device)
         self.model.learn(features, labels)
+        self.clock.train_iterations += 1
 
     def criterion(self) -> Tensor:
         missing = int(self.mb_y.max()) + 1 - self.mb_output.shape[1]

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .prototypes import FeatureStatisticsStrategy, FrozenBackbone, unseen_columns_masked
+from ..routing import GrowingBuffers, unseen_masked
+from .prototypes import FeatureStatisticsStrategy, FrozenBackbone
 
 DEFAULT_RIDGE_GRID = tuple(10.0 ** k for k in range(-8, 9))
 
@@ -25,7 +26,7 @@ def ridge_solutions(gram: Tensor, targets: Tensor, ridges: list[float]) -> list[
     return [vectors @ (projected / (eigenvalues + r)[:, None]) for r in ridges]
 
 
-class RanPACClassifier(nn.Module):
+class RanPACClassifier(GrowingBuffers):
     """Ridge classifier on randomly projected frozen features: ``(B, ...) -> (B, K)``.
 
     ``K`` is the largest class id seen + 1; columns of ids not seen yet are -inf.
@@ -53,13 +54,21 @@ class RanPACClassifier(nn.Module):
         self.register_buffer("seen", torch.zeros(0, dtype=torch.bool))
         self.ridge: float | None = None
 
+    def get_extra_state(self) -> dict:
+        return {"generator": self.generator.get_state(), "ridge": self.ridge}
+
+    def set_extra_state(self, state: dict) -> None:
+        """The held-out splits go on where the saved classifier's stopped."""
+        self.generator.set_state(state["generator"])
+        self.ridge = state["ridge"]
+
     def project(self, features: Tensor) -> Tensor:
         """Random ReLU features ``h`` (N, M) of backbone features (N, D)."""
         return F.relu(features @ self.projection)
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.project(self.backbone(x)) @ self.weight
-        return unseen_columns_masked(logits, self.seen)
+        return unseen_masked(logits, self.seen)
 
     def _statistics(self, h: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """``h^T h`` (M, M) and ``h^T onehot(labels)`` (M, K) in float64."""

@@ -1,0 +1,74 @@
+"""The runner on class-incremental streams: summary columns, task-free inference,
+resuming, and settings that do not apply."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_runner import Killed, kill_at, parse
+
+from avalanche_maskrkr import runner
+from avalanche_maskrkr.config import ConfigError, resolve
+from avalanche_maskrkr.results import average_incremental_accuracy, forgetting, last_accuracy
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+HEADER = ("strategy,avg_incremental_accuracy,last_accuracy,forgetting,task_id_accuracy,"
+          "total_params,overhead_pct,train_seconds")
+ARGV = ["--scenario", "class", "--epochs", "1", "--tasks", "5", "--ranpac-dim", "256"]
+SIZES = None
+
+
+def test_class_scenario_defaults():
+    config = resolve(parse(["--scenario", "class"]))
+    assert config.strategies == ("simplecil", "ranpac", "aper", "rkr", "piggyback",
+                                 "mask-rkr", "naive", "lwf", "replay")
+    assert resolve(parse([])).strategies[:3] == ("rkr", "piggyback", "mask-rkr")
+
+
+def test_class_incremental_run_writes_the_class_summary_and_resumes(tmp_path):
+    argv = [*ARGV, "--strategies", "simplecil,ranpac,aper,piggyback,naive"]
+    full = runner.run(parse([*argv, "--out", str(tmp_path / "full")]))
+    written = (tmp_path / "full" / "summary.csv").read_text().splitlines()
+    assert written[0] == HEADER
+    summary = pd.read_csv(tmp_path / "full" / "summary.csv").set_index("strategy")
+    scenario = runner.build_benchmark(resolve(parse(argv)))
+    sizes = [len(e.dataset) for e in scenario.test_stream]
+    for name, matrix in full.matrices.items():
+        row = summary.loc[name]
+        assert row["avg_incremental_accuracy"] == pytest.approx(
+            average_incremental_accuracy(matrix, sizes))
+        assert row["last_accuracy"] == pytest.approx(last_accuracy(matrix, sizes))
+        assert row["forgetting"] == pytest.approx(forgetting(matrix))
+        assert np.isnan(matrix[np.triu_indices(5, 1)]).all()
+        assert not np.isnan(matrix[np.tril_indices(5)]).any()
+        assert row["train_seconds"] > 0
+    # only the method that routes has a task-identification accuracy
+    assert summary["task_id_accuracy"].notna().tolist() == [False, False, False, True, False]
+    assert 0 < summary.loc["piggyback", "task_id_accuracy"] <= 1
+    # killed after experience 2 of APER and of Piggyback, resumed: the same results
+    resumed = [*argv, "--out", str(tmp_path / "killed")]
+    for point in [("aper", 1), ("piggyback", 2)]:
+        with pytest.raises(Killed):
+            runner.run(parse(resumed), after_experience=kill_at(*point))
+    trained = []
+    result = runner.run(parse(resumed), after_experience=lambda *at: trained.append(at))
+    assert trained == [("piggyback", 3), ("piggyback", 4), ("naive", 0), ("naive", 1),
+                       ("naive", 2), ("naive", 3), ("naive", 4)]
+    for name, matrix in full.matrices.items():
+        np.testing.assert_array_equal(result.matrices[name], matrix)
+    pd.testing.assert_frame_equal(result.summary.drop(columns="train_seconds"),
+                                  full.summary.drop(columns="train_seconds"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--strategies", "simplecil"], "unknown task-incremental strategies"),
+    (["--scenario", "class", "--strategies", "single"], "unknown class-incremental"),
+    (["--scenario", "class", "--strategies", "rkr", "--task-inference", "oracle"],
+     "task_inference 'oracle' does not apply to a class-incremental run"),
+    (["--strategies", "rkr", "--task-inference", "energy"],
+     "task_inference 'energy' does not apply to a task-incremental run"),
+])
+def test_settings_that_do_not_apply_are_refused(tmp_path, argv, message):
+    with pytest.raises(ConfigError, match=message):
+        runner.run(parse([*argv, "--epochs", "1", "--out", str(tmp_path)]))
