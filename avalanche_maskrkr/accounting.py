@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .baseline_accounting import class_statistics
 from .conversion import convert, find_classifier
 from .models import create_backbone
 from .network import TaskAwareNetwork
@@ -54,13 +55,16 @@ def populated_network(build: Callable[[], nn.Module], method: str, tasks: int,
 
 
 def method_cost(net: TaskAwareNetwork) -> dict[str, float]:
-    """Convention total (parameters) and mean bytes per task of a populated network."""
+    """Convention total (parameters) and mean bytes per task of a populated network;
+    class-incremental, the prototype router's class means count too."""
     costs = [[m.task_cost(int(t)) for m in net.task_modules] for t in net.heads]
     heads = [list(h.parameters()) for h in net.heads.values()]
     task_params = sum(c.real + c.mask / 32 for task in costs for c in task)
     task_bytes = sum(c.nbytes for task in costs for c in task) + sum(_nbytes(h) for h in heads)
+    means = class_statistics(net)
     return {"total_params": _numel(net.base_parameters()) + sum(_numel(h) for h in heads)
-            + task_params, "bytes_per_task": task_bytes / len(net.heads)}
+            + task_params + means.params,
+            "bytes_per_task": (task_bytes + means.nbytes) / len(net.heads)}
 
 
 def single_model_size(model: ModelSpec, classes_per_task: int,

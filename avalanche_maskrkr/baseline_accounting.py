@@ -5,6 +5,9 @@ keeps from one task to the next, read from the plugin's own tensors; a bit count
 of a parameter. Bytes are those tensors' bytes in their dtype, bits packed.
 
 * ``naive``, ``multi-head``: base + T heads; ``single``: T whole models. No other state.
+* class-incremental classifiers (SimpleCIL, RanPAC, APER): the model's parameters and
+  the class statistics they keep between experiences (:func:`class_statistics`: class
+  means; RanPAC's projection, Gram and target matrices and ridge solution).
 * ``ewc`` (Avalanche's "separate" mode): for each trained task, an importance and a
   reference value of every parameter the model had then.
 * ``si``: two values per regularised parameter, its reference weight and its running
@@ -37,6 +40,8 @@ from avalanche.training.plugins import (
 )
 from torch import nn
 
+from .routing import GrowingBuffers
+
 
 @dataclass(frozen=True)
 class Storage:
@@ -61,9 +66,20 @@ def owner_bits(tasks: int) -> int:
     return math.ceil(math.log2(tasks + 1))
 
 
+def class_statistics(model: nn.Module) -> Storage:
+    """The floating-point buffers of ``model``'s :class:`~.routing.GrowingBuffers`
+    modules: what class-incremental classifiers and the prototype router keep between
+    experiences (class means, RanPAC's projection and statistics)."""
+    return tensor_storage(buffer for module in model.modules()
+                          if isinstance(module, GrowingBuffers)
+                          for buffer in module.buffers(recurse=False)
+                          if buffer.is_floating_point())
+
+
 def model_storage(model: nn.Module) -> Storage:
-    """The model's parameters; a PackNet model adds each prunable weight's owner."""
-    storage = tensor_storage(model.parameters())
+    """The model's parameters and :func:`class_statistics`; a PackNet model adds each
+    prunable weight's owner."""
+    storage = tensor_storage(model.parameters()) + class_statistics(model)
     if isinstance(model, PackNetModel):
         weights = sum(m.task_index.numel() for m in model.modules()
                       if isinstance(m, WeightAndBiasPackNetModule))

@@ -14,6 +14,7 @@ from avalanche.training.plugins import EvaluationPlugin
 from sklearn.datasets import load_digits
 from torch import nn
 
+from avalanche_maskrkr.baseline_accounting import baseline_cost
 from avalanche_maskrkr.cil import RanPAC, SimpleCIL
 from avalanche_maskrkr.cil.ranpac import RanPACClassifier
 
@@ -125,3 +126,17 @@ def test_strategies_against_nearest_class_mean_on_digits():
     assert results["simplecil"] == pytest.approx(cosine, abs=1e-9)
     assert results["simplecil"] > 0.3
     assert results["ranpac"] > max(euclidean, cosine) + 0.1
+
+
+def test_stored_class_statistics_are_counted():
+    """SimpleCIL stores a mean per class; RanPAC its projection (D, M), Gram (M, M),
+    targets (M, K) and solution (M, K); both beside the backbone's parameters."""
+    stream = digits_stream()
+    backbone = sum(p.numel() for p in MLP().features.parameters())  # the head is removed
+    expected = {"simplecil": lambda k: backbone + k * 16,
+                "ranpac": lambda k: backbone + 16 * 8 + 8 * 8 + 2 * 8 * k}
+    for name, strategy in [("simplecil", SimpleCIL(model=MLP(), evaluator=evaluator())),
+                           ("ranpac", RanPAC(model=MLP(), M=8, evaluator=evaluator()))]:
+        for k, experience in zip((2, 4), stream.train_stream):
+            strategy.train(experience)
+            assert baseline_cost(strategy.model, [])["total_params"] == expected[name](k)

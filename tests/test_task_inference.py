@@ -14,6 +14,7 @@ from torch import nn
 
 import avalanche_maskrkr as amr
 from avalanche_maskrkr import convert
+from avalanche_maskrkr.accounting import method_cost
 from avalanche_maskrkr.evaluation import TaskIdentificationAccuracy
 from avalanche_maskrkr.options import make_options
 from avalanche_maskrkr.routing import choose_tasks, energy, entropy
@@ -172,6 +173,10 @@ def test_prototype_router_uses_base_class_means():
         nearest = (F.normalize(network.base_features(xt), dim=1)
                    @ F.normalize(means, dim=1).T).argmax(1)
         assert choose_tasks(network, xt).tolist() == network.class_task[nearest].tolist()
+    # the class means the router stores count in the network's cost
+    with_means = method_cost(network)["total_params"]
+    network.class_means.means = network.class_means.means[:0]
+    assert with_means - method_cost(network)["total_params"] == 6 * 16
 
 
 def test_task_identification_accuracy_is_logged_and_right():
