@@ -14,60 +14,35 @@ per-task accuracy (mean over seeds) for each schedule.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 import warnings
-from pathlib import Path
 
-import timm
-import torch
+from backbone_choice import add_backbone_arguments, backbone_factory, describe
 
 from avalanche_maskrkr.benchmarks import split_digits
 from avalanche_maskrkr.benchmarks.probe_check import compare_with_probe
-from avalanche_maskrkr.benchmarks.proxy import SHAPES, pretrain_proxy
 from avalanche_maskrkr.benchmarks.transforms import resolve_input_spec
-from avalanche_maskrkr.checkpoint import load_weights
 from avalanche_maskrkr.results import format_table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="test_efficientnet", help="a timm model name")
-    weights = parser.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--weights", type=Path, help=".safetensors or .pth weights")
-    weights.add_argument("--proxy", action="store_true",
-                         help="train the model on synthetic shapes first (offline)")
-    parser.add_argument("--img-size", type=int, default=16)
-    parser.add_argument("--model-kwargs", default="{}",
-                        help="timm.create_model keywords, e.g. \"{'patch_size': 4}\"")
+    add_backbone_arguments(parser)
     parser.add_argument("--epochs", default="2,10,30", help="schedules, comma-separated")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tasks", type=int, default=5)
     parser.add_argument("--bn-policy", help="every method's bn_policy (default: each one's)")
     parser.add_argument("--mask-lr", type=float, help="every mask method's mask_lr (default: "
                         "a tenth of 1e-3; 1e-3 gives the single rate of one optimizer group)")
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="task .* has not been trained")
-    kwargs = eval(args.model_kwargs, {})  # a literal dict from the command line
-    with tempfile.TemporaryDirectory() as tmp:
-        path = args.weights
-        if args.proxy:
-            path = pretrain_proxy(args.model, Path(tmp) / "proxy.safetensors",
-                                  image_size=args.img_size, **kwargs)
-
-        def make_model() -> torch.nn.Module:
-            model = timm.create_model(args.model, num_classes=len(SHAPES), **kwargs)
-            load_weights(model, path)
-            return model
-
+    with backbone_factory(args) as make_model:
         mean_std = resolve_input_spec(make_model()).mean_std
         options = {k: v for k, v in (("bn_policy", args.bn_policy), ("mask_lr", args.mask_lr))
                    if v is not None}
-        print(f"{args.model} at {args.img_size}px ({'proxy' if args.proxy else path}), "
-              f"digits {args.tasks} tasks, seeds {args.seeds}, Adam lr 1e-3, batch 32"
+        print(f"{describe(args)}, digits {args.tasks} tasks, seeds {args.seeds}, "
+              "Adam lr 1e-3, batch 32"
               + "".join(f", {k}={v}" for k, v in options.items()))
         for epochs in map(int, args.epochs.split(",")):
             start = time.perf_counter()
