@@ -15,8 +15,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 HEADER = ("strategy,avg_incremental_accuracy,last_accuracy,forgetting,task_id_accuracy,"
           "total_params,overhead_pct,train_seconds")
-ARGV = ["--scenario", "class", "--epochs", "1", "--tasks", "5", "--ranpac-dim", "256"]
-SIZES = None
+ARGV = ["--scenario", "class", "--epochs", "1", "--tasks", "2", "--ranpac-dim", "256"]
 
 
 def test_class_scenario_defaults():
@@ -40,21 +39,20 @@ def test_class_incremental_run_writes_the_class_summary_and_resumes(tmp_path):
             average_incremental_accuracy(matrix, sizes))
         assert row["last_accuracy"] == pytest.approx(last_accuracy(matrix, sizes))
         assert row["forgetting"] == pytest.approx(forgetting(matrix))
-        assert np.isnan(matrix[np.triu_indices(5, 1)]).all()
-        assert not np.isnan(matrix[np.tril_indices(5)]).any()
+        assert np.isnan(matrix[np.triu_indices(2, 1)]).all()
+        assert not np.isnan(matrix[np.tril_indices(2)]).any()
         assert row["train_seconds"] > 0
     # only the method that routes has a task-identification accuracy
     assert summary["task_id_accuracy"].notna().tolist() == [False, False, False, True, False]
     assert 0 < summary.loc["piggyback", "task_id_accuracy"] <= 1
-    # killed after experience 2 of APER and of Piggyback, resumed: the same results
+    # killed after the first experience of APER and of Piggyback, resumed: the same results
     resumed = [*argv, "--out", str(tmp_path / "killed")]
-    for point in [("aper", 1), ("piggyback", 2)]:
+    for point in [("aper", 0), ("piggyback", 0)]:
         with pytest.raises(Killed):
             runner.run(parse(resumed), after_experience=kill_at(*point))
     trained = []
     result = runner.run(parse(resumed), after_experience=lambda *at: trained.append(at))
-    assert trained == [("piggyback", 3), ("piggyback", 4), ("naive", 0), ("naive", 1),
-                       ("naive", 2), ("naive", 3), ("naive", 4)]
+    assert trained == [("piggyback", 1), ("naive", 0), ("naive", 1)]
     for name, matrix in full.matrices.items():
         np.testing.assert_array_equal(result.matrices[name], matrix)
     pd.testing.assert_frame_equal(result.summary.drop(columns="train_seconds"),

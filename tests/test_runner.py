@@ -142,15 +142,15 @@ def test_default_job_writes_summary_matrices_and_plots(tmp_path, capsys, figures
 
 
 def test_a_killed_run_resumes_to_the_uninterrupted_results(tmp_path) -> None:
-    argv = ["--strategies", "mask-rkr,single,ewc,lwf", "--epochs", "1"]
+    argv = ["--strategies", "mask-rkr,single,ewc,lwf", "--epochs", "1", "--tasks", "2"]
     full = runner.run(parse([*argv, "--out", str(tmp_path / "full")]))
     resumed_argv = [*argv, "--out", str(tmp_path / "killed")]
-    for point in [("mask-rkr", 1), ("single", 3), ("ewc", 2), ("lwf", 1)]:
+    for point in [("mask-rkr", 0), ("single", 1), ("ewc", 0), ("lwf", 0)]:
         with pytest.raises(Killed):
             runner.run(parse(resumed_argv), after_experience=kill_at(*point))
     trained = []
     result = runner.run(parse(resumed_argv), after_experience=lambda *at: trained.append(at))
-    assert trained == [("lwf", k) for k in range(2, 5)]  # finished strategies are kept
+    assert trained == [("lwf", 1)]  # finished strategies are kept
     for name, matrix in full.matrices.items():
         np.testing.assert_array_equal(result.matrices[name], matrix)
     pd.testing.assert_frame_equal(result.summary.drop(columns="train_seconds"),
