@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import runpy
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from avalanche_maskrkr.benchmarks import split_digits
+from avalanche_maskrkr.results import CLASS_SUMMARY_COLUMNS
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PAPER_ROWS = ["rkr", "piggyback", "mask-rkr", "mask-rkr-k+", "single", "multi-head"]
@@ -95,3 +97,41 @@ def test_dropin(tmp_path, capsys) -> None:
     matrix = pd.read_csv(tmp_path / "accuracy_matrix_rkr.csv", index_col=0)
     assert matrix.shape == (2, 2)
     assert "accuracy on each task" in capsys.readouterr().out
+
+
+CLASS_STRATEGIES = ["simplecil", "ranpac", "aper", "rkr", "piggyback", "mask-rkr", "naive",
+                    "lwf", "replay", "der", "icarl"]
+
+
+def test_compare_class_incremental(tmp_path, capsys) -> None:
+    run_example("compare_class_incremental", tmp_path)
+    rows = summary(tmp_path / "simple_mlp").set_index("strategy")
+    assert rows.index.tolist() == CLASS_STRATEGIES
+    assert ["strategy", *rows.columns] == list(CLASS_SUMMARY_COLUMNS)
+    # Only the methods infer a task; the others have no task to infer.
+    routed = ["rkr", "piggyback", "mask-rkr"]
+    assert rows.loc[routed, "task_id_accuracy"].notna().all()
+    assert rows.drop(routed)["task_id_accuracy"].isna().all()
+    # Naive fine-tuning forgets the first task; everything that keeps it (a frozen base,
+    # a memory, distillation with a memory) ends above it. LwF alone keeps no memory.
+    last = rows["last_accuracy"]
+    assert (last.drop(["naive", "lwf"]) > last["naive"] + 0.2).all(), last
+    assert "No published numbers for digits with 2 tasks" in capsys.readouterr().out
+
+
+def test_published_class_incremental_table() -> None:
+    published_table = runpy.run_path(
+        str(EXAMPLES / "compare_class_incremental.py"))["published_table"]
+    ours = pd.DataFrame({"strategy": ["simplecil", "aper", "rkr"],
+                         "avg_incremental_accuracy": [0.5, 0.6, 0.7],
+                         "last_accuracy": [0.4, 0.5, 0.6]})
+    assert published_table(ours, "cifar100", 10) is None
+    table = published_table(ours, "cifar100", 20).set_index("method")
+    assert table.loc["SimpleCIL", ["strategy", "avg_incremental", "avg_incremental (paper)",
+                                   "last", "last (paper)"]].tolist() == [
+        "simplecil", 0.5, 0.8757, 0.4, 0.8126]
+    assert table.loc["APER (ADAM) + Adapter", ["avg_incremental", "last (paper)"]].tolist() \
+        == [0.6, 0.8515]
+    assert np.isnan(table.loc["EASE", "avg_incremental"])  # not one of ours
+    assert np.isnan(table.loc["LwF", "last"])  # ours did not run
+    assert (table["source"] == "Zhou et al., CVPR 2024 (EASE), Table 1").all()
