@@ -2,11 +2,10 @@
 (task-free inference, the prototype router by default) beside Avalanche's naive
 fine-tuning, LwF, Replay, DER and iCaRL, with one classifier over all classes and no task
 label at test time (``--scenario class``; on CIFAR-100 the published class order, seed
-1993). One
-summary (summary.csv with avg_incremental_accuracy, last_accuracy, forgetting,
-task_id_accuracy, costs) in --out/<model>; then, when the benchmark and task count match a
-published protocol, our numbers beside the published ones with their sources (printed and
-written to --out/published_table.md).
+1993). One summary (summary.csv with avg_incremental_accuracy, last_accuracy,
+forgetting, task_id_accuracy, costs) in --out/<model>; then, when the benchmark and task
+count match a published protocol, our numbers beside the published ones with their
+sources (printed and written to --out/published_table.md).
 
 The published protocol, CIFAR-100 B0-Inc5 (20 tasks of 5 classes) with ViT-B/16
 pretrained on ImageNet-21k from a local weights file, at 224x224:
