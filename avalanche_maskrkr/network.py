@@ -27,6 +27,7 @@ from .layers import (BinaryMask, RKRLayer, TaskAdaptedLayer, TaskBatchNorm, Task
                      TaskContext, TaskModule,
                      zero_scales_found)
 from .options import ROLES, MethodOptions
+from .ridge import RandomFeatureRidge
 from .routing import ClassMeans, choose_tasks
 
 STREAM_HINT = (
@@ -113,12 +114,16 @@ class TaskAwareNetwork(MultiTaskModule):
         self.base_frozen = not options.train_base_first
         self._warned_untrained: set[int] = set()
         # class-incremental (options.task_inference != "oracle"): task -> its global
-        # class ids (column i of its head), global class -> task, the prototype router's
-        # class means, and the tasks chosen for the last evaluated batch
+        # class ids (column i of its head), global class -> task, the classifier over
+        # base features that routes (prototype: class means; ranpac: RanPAC's), and the
+        # tasks chosen for the last evaluated batch
         self.class_incremental = options.task_inference != "oracle"
         self.task_class_ids: dict[int, list[int]] = {}
         self.class_task = torch.zeros(0, dtype=torch.long)  # -1: no task has the class
-        self.class_means = ClassMeans(feature_dim)
+        self.base_classifier = {
+            "prototype": lambda: ClassMeans(feature_dim),
+            "ranpac": lambda: RandomFeatureRidge(feature_dim, options.ranpac_dim),
+        }.get(options.task_inference, lambda: None)()
         self.routed_tasks: torch.Tensor | None = None
         # RKR layers save their output for backward: an in-place activation after one
         # (ReLU(inplace=True) right after a convolution) would overwrite it, so modules

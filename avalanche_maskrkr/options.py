@@ -20,7 +20,7 @@ ROLES = ("head", "factors", "masks", "base")
 or the base network (trained with the first task under ``train_base_first``)."""
 MASK_LR_SCALE = 0.1
 """Mask scores' default learning rate, relative to the optimizer's."""
-TASK_INFERENCE = ("oracle", "prototype", "entropy", "energy", "supsup")
+TASK_INFERENCE = ("oracle", "prototype", "ranpac", "entropy", "energy", "supsup")
 """How the network finds the task of a test input (see :mod:`.routing`)."""
 
 
@@ -55,9 +55,12 @@ class MethodOptions:
             every training experience becomes a new task of its own (Avalanche labels
             them all 0), over the global class ids it brings, and at test time the network
             chooses each input's task: ``"prototype"`` (nearest class mean of the frozen
-            base's features), ``"entropy"`` / ``"energy"`` (the most confident of the
-            task-specific passes) or ``"supsup"`` (SupSup's one-shot superposition, one
-            choice per batch; needs ``bn_policy="frozen"``).
+            base's features), ``"ranpac"`` (RanPAC's ridge classifier on them, with
+            ``ranpac_dim`` random features), ``"entropy"`` / ``"energy"`` (the most
+            confident of the task-specific passes) or ``"supsup"`` (SupSup's one-shot
+            superposition, one choice per batch; needs ``bn_policy="frozen"``).
+        ranpac_dim: M, the random features of the ``"ranpac"`` router (RanPAC's 10000;
+            its Gram matrix is M x M in float64).
     """
 
     name: ClassVar[str]
@@ -70,6 +73,7 @@ class MethodOptions:
     factor_lr: float | None = None
     mask_lr: float | None = None
     task_inference: str = "oracle"
+    ranpac_dim: int = 10000
 
     def __post_init__(self) -> None:
         if self.bn_policy not in BN_POLICIES:
@@ -77,6 +81,8 @@ class MethodOptions:
         if self.task_inference not in TASK_INFERENCE:
             raise ValueError(f"task_inference must be one of {TASK_INFERENCE}, "
                              f"got {self.task_inference!r}")
+        if not isinstance(self.ranpac_dim, int) or self.ranpac_dim < 1:
+            raise ValueError(f"ranpac_dim must be an integer >= 1, got {self.ranpac_dim!r}")
         if self.task_inference == "supsup" and self.bn_policy != "frozen":
             raise ValueError("task_inference='supsup' superposes the tasks' weights; their "
                              "own BatchNorm statistics cannot be: use bn_policy='frozen'")

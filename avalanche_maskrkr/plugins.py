@@ -10,8 +10,8 @@ experience:
     other hyperparameters, with fresh state. Frozen parameters are never in it.
   * after training: re-estimates the task's own BatchNorm statistics for its adapted
     network (``bn_policy="task_stats"``) from the experience's training inputs, learns
-    its classes' means of base features for the prototype router
-    (``task_inference="prototype"``), then freezes the task for good (masks packed to 1
+    its classes for the router that classifies base features (``task_inference``
+    ``"prototype"``: class means; ``"ranpac"``: RanPAC's statistics), then freezes the task for good (masks packed to 1
     bit per entry).
 Task parameters and heads are created by the network's Avalanche ``adaptation``.
 """
@@ -113,10 +113,10 @@ class MethodPlugin(SupervisedPlugin):
             for task in tasks:
                 inputs = (x for x, _ in task_batches(strategy, task))
                 model.estimate_statistics(task, inputs)
-        if self.options.task_inference == "prototype":
+        if model.base_classifier is not None:  # the prototype or ranpac router
             features, labels = zip(*[(model.base_features(x), y)
                                      for x, y in task_batches(strategy, None)])
-            model.class_means.learn(torch.cat(features), torch.cat(labels))
+            model.base_classifier.learn(torch.cat(features), torch.cat(labels))
         for task in tasks:
             model.finish_task(task)
 

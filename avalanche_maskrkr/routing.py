@@ -8,6 +8,8 @@ dtype's lowest value). Routers (``task_inference``, :data:`~.options.TASK_INFERE
 
 * ``"prototype"``: the nearest class mean (cosine) of the frozen base network's
   features, whose class names the task: one base pass, then the chosen tasks' passes.
+* ``"ranpac"``: likewise, the class RanPAC's ridge classifier on the base features
+  predicts (:class:`~.ridge.RandomFeatureRidge`).
 * ``"entropy"`` / ``"energy"``: every task's pass, the task whose softmax entropy /
   energy ``-logsumexp(logits)`` is lowest. The T passes are one network call over a
   T-times larger batch (each task layer computes its chunk of the batch), split in
@@ -73,7 +75,7 @@ class ClassMeans(GrowingBuffers):
             self.means[c] = features[labels == c].mean(0)
             self.seen[c] = True
 
-    def cosine(self, features: Tensor) -> Tensor:
+    def forward(self, features: Tensor) -> Tensor:
         """(B, D) features -> (B, K) cosine similarities; classes not seen at -inf."""
         return unseen_masked(F.normalize(features, dim=1) @ F.normalize(self.means, dim=1).T,
                              self.seen)
@@ -109,8 +111,8 @@ def choose_tasks(network, x: Tensor) -> Tensor:
     kind, tasks = network.options.task_inference, network.routable_tasks()
     if len(tasks) == 1:
         return torch.full((len(x),), tasks[0], device=x.device)
-    if kind == "prototype":
-        nearest = network.class_means.cosine(network.base_features(x)).argmax(1)
+    if kind in ("prototype", "ranpac"):
+        nearest = network.base_classifier(network.base_features(x)).argmax(1)
         return network.class_task.to(x.device)[nearest]
     if kind in ("entropy", "energy"):
         score = entropy if kind == "entropy" else energy

@@ -168,15 +168,31 @@ def test_prototype_router_uses_base_class_means():
     with torch.no_grad():
         base = network.base_features(x)
         means = torch.stack([base[y == c].mean(0) for c in range(6)])
-        torch.testing.assert_close(network.class_means.means, means)
+        torch.testing.assert_close(network.base_classifier.means, means)
         xt, _ = tensors(stream.test_stream[:3])
         nearest = (F.normalize(network.base_features(xt), dim=1)
                    @ F.normalize(means, dim=1).T).argmax(1)
         assert choose_tasks(network, xt).tolist() == network.class_task[nearest].tolist()
     # the class means the router stores count in the network's cost
     with_means = method_cost(network)["total_params"]
-    network.class_means.means = network.class_means.means[:0]
+    network.base_classifier.means = network.base_classifier.means[:0]
     assert with_means - method_cost(network)["total_params"] == 6 * 16
+
+
+def test_ranpac_router_is_ridge_regression_on_base_features():
+    """The ranpac router's classifier is the ridge solution on the base features of all
+    experiences seen (RanPAC's), and it routes to the task of the class it predicts."""
+    strategy, stream = train_class_incremental("piggyback", "ranpac", ranpac_dim=64)
+    network, ridge = strategy.model, strategy.model.base_classifier
+    x, y = tensors(stream.train_stream[:3])
+    with torch.no_grad():
+        h = ridge.project(network.base_features(x)).double()
+        joint = torch.linalg.solve(h.T @ h + ridge.ridge * torch.eye(64, dtype=torch.float64),
+                                   h.T @ F.one_hot(y, 6).double())
+        torch.testing.assert_close(ridge.weight, joint.float(), rtol=1e-4, atol=1e-5)
+        xt, _ = tensors(stream.test_stream[:3])
+        predicted = ridge(network.base_features(xt)).argmax(1)
+        assert choose_tasks(network, xt).tolist() == network.class_task[predicted].tolist()
 
 
 def test_task_identification_accuracy_is_logged_and_right():
@@ -212,6 +228,8 @@ def test_supsup_needs_frozen_batchnorm_and_unknown_router_is_refused():
         make_options("piggyback", task_inference="supsup", bn_policy="task_stats")
     with pytest.raises(ValueError, match="task_inference must be one of"):
         make_options("rkr", task_inference="guess")
+    with pytest.raises(ValueError, match="ranpac_dim"):
+        make_options("rkr", task_inference="ranpac", ranpac_dim=0)
 
 
 def test_torchvision_attention_falls_back_to_one_call_per_task():

@@ -64,7 +64,7 @@ class CosinePrototypes(ClassMeans):
         self.backbone = backbone
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.cosine(self.backbone(x))
+        return super().forward(self.backbone(x))
 
 
 class PrototypeClassifier(CosinePrototypes):
