@@ -16,7 +16,9 @@ of a parameter. Bytes are those tensors' bytes in their dtype, bits packed.
   rebuilt every task and not counted.
 * ``lwf``: the previous model, a whole copy of the network (base + heads).
 * ``replay``: each buffered sample's input values, counted like parameters (the float
-  tensor the model reads); its class and task labels are left out.
+  tensor the model reads); its class and task labels are left out. ``der`` (a strategy
+  keeping its own buffer): each buffered sample's input values and its stored logits;
+  ``icarl``: its exemplars' input values.
 * ``packnet``: one network, plus which task owns each prunable weight: after T tasks a
   weight belongs to one of the T tasks or is still free, so ``ceil(log2(T + 1))`` bits
   per weight (``owner_bits``). Ownership is nested (task t sees the weights of tasks
@@ -32,6 +34,8 @@ from dataclasses import dataclass
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models.packnet import PackNetModel, WeightAndBiasPackNetModule
+from avalanche.training import DER
+from avalanche.training.supervised.icarl import _ICaRLPlugin
 from avalanche.training.plugins import (
     EWCPlugin,
     LwFPlugin,
@@ -112,13 +116,25 @@ def _replay_state(plugin: ReplayPlugin) -> Storage:
                    len(buffer) * sample.numel() * sample.element_size())
 
 
+def _der_state(strategy: DER) -> Storage:
+    return sum((tensor_storage([x, logits]) for x, _, _, logits in
+                strategy.storage_policy.buffer), Storage())
+
+
+def _icarl_state(plugin: _ICaRLPlugin) -> Storage:
+    return tensor_storage(plugin.x_memory)
+
+
 PLUGIN_STATE: dict[type, Callable[[SupervisedPlugin], Storage]] = {
     EWCPlugin: _ewc_state,
     SynapticIntelligencePlugin: _si_state,
     LwFPlugin: _lwf_state,
     ReplayPlugin: _replay_state,
+    DER: _der_state,
+    _ICaRLPlugin: _icarl_state,
 }
-"""Plugin class (subclasses included) -> what it keeps between tasks."""
+"""Plugin class (subclasses included; or a strategy class that keeps state itself, as
+DER) -> what it keeps between tasks."""
 
 
 def plugin_storage(plugin: SupervisedPlugin) -> Storage:
@@ -131,7 +147,8 @@ def plugin_storage(plugin: SupervisedPlugin) -> Storage:
 
 def baseline_cost(model: nn.Module, plugins: Iterable[SupervisedPlugin]) -> dict[str, float]:
     """``{"total_params", "bytes_per_task"}`` of a baseline: its model and its plugins'
-    state; bytes per task divide the whole by the tasks trained (``known_train_tasks_labels``
+    state (pass the strategy among ``plugins`` when it keeps state itself, as DER);
+    bytes per task divide the whole by the tasks trained (``known_train_tasks_labels``
     of a ``MultiTaskModule``, else 1)."""
     storage = sum((plugin_storage(p) for p in plugins), model_storage(model))
     tasks = len(getattr(model, "known_train_tasks_labels", ())) or 1

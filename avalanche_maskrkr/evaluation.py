@@ -156,7 +156,7 @@ class ParameterCost(PluginMetric[dict]):
         if isinstance(model, TaskAwareNetwork):
             self._cost = method_cost(model)
         else:
-            self._cost = baseline_cost(model, strategy.plugins)
+            self._cost = baseline_cost(model, [*strategy.plugins, strategy])
         step = strategy.clock.train_iterations
         return [
             MetricValue(self, get_metric_name(name, strategy, add_experience=True), value, step)

@@ -5,9 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import timm
+import torch
 from test_runner import Killed, kill_at, parse
 
 from avalanche_maskrkr import runner
+from avalanche_maskrkr.baseline_accounting import baseline_cost
+from avalanche_maskrkr.benchmarks import split_digits
+from avalanche_maskrkr.class_baselines import build_class_baseline
 from avalanche_maskrkr.config import ConfigError, resolve
 from avalanche_maskrkr.results import average_incremental_accuracy, forgetting, last_accuracy
 
@@ -70,3 +75,19 @@ def test_class_incremental_run_writes_the_class_summary_and_resumes(tmp_path):
 def test_settings_that_do_not_apply_are_refused(tmp_path, argv, message):
     with pytest.raises(ConfigError, match=message):
         runner.run(parse([*argv, "--epochs", "1", "--out", str(tmp_path)]))
+
+
+@pytest.mark.parametrize("name, per_sample", [("der", 3 * 8 * 8 + 10), ("icarl", 3 * 8 * 8),
+                                              ("replay", 3 * 8 * 8)])
+def test_class_baselines_count_their_memory(name, per_sample):
+    """A full memory of 200 samples: their input values (DER: and their 10 logits)
+    beside the model's parameters."""
+    scenario = split_digits(scenario="class", channels=3, n_experiences=2)
+    strategy = build_class_baseline(
+        name, lambda n: timm.create_model("simple_mlp", num_classes=n), 10,
+        lambda params: torch.optim.Adam(params, lr=1e-3), {"replay_mem_size": 200},
+        train_mb_size=32, train_epochs=1, eval_mb_size=128)
+    strategy.train(scenario.train_stream[0])
+    model = sum(p.numel() for p in strategy.model.parameters())
+    stored = baseline_cost(strategy.model, [*strategy.plugins, strategy])["total_params"]
+    assert stored - model == 200 * per_sample
