@@ -69,7 +69,9 @@ def _add_option_arguments(parser: argparse.ArgumentParser) -> None:
                 for f in dataclasses.fields(cls)}
     for name, default in defaults.items():
         shown = {"train_base_first": "off; on without pretrained weights",
-                 "task_inference": f"oracle; --scenario class: {DEFAULT_TASK_INFERENCE}"
+                 "task_inference": f"oracle; --scenario class: {DEFAULT_TASK_INFERENCE}",
+                 "ranpac_dim": f"{default}; digits "
+                               f"{BENCHMARK_DEFAULTS['digits'].ranpac_dim}",
                  }.get(name, default)
         kwargs: dict[str, Any] = {"default": None, "dest": f"option_{name}",
                                   "help": f"{', '.join(option_users(name))} (default: {shown})"}

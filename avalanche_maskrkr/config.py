@@ -125,8 +125,10 @@ def resolve(config: RunConfig) -> RunConfig:
     model = config.model or defaults.model
     options = dict(config.options)
     options.setdefault("train_base_first", not pretrained(config))
+    options.setdefault("ranpac_dim", defaults.ranpac_dim)
     return dataclasses.replace(
-        config, strategies=tuple(strategies), model=model, img_size=config.img_size or defaults.img_size, options=options,
+        config, strategies=tuple(strategies), model=model,
+        img_size=config.img_size or defaults.img_size, options=options,
         threads=config.threads or defaults.threads,
         device=config.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         out=config.out or str(Path("results") / f"{config.benchmark}-{model}"),

@@ -19,7 +19,7 @@ another configuration is an error (pass --restart to start over).
 With --scenario class: no task label at test time, one label space (the published class
 order on CIFAR-100 and ImageNet: seed 1993; --seed seeds the training), and the
 strategies SimpleCIL, RanPAC, APER, RKR, Piggyback and Mask-RKR with task-free inference
-(--task-inference, default: the prototype router) and Avalanche's naive fine-tuning, LwF
+(--task-inference, default: the ranpac router) and Avalanche's naive fine-tuning, LwF
 and Replay (also ewc, si, der, icarl). summary.csv then has the columns strategy,
 avg_incremental_accuracy, last_accuracy, forgetting, task_id_accuracy (the routers'),
 total_params, overhead_pct, train_seconds.

@@ -4,7 +4,8 @@ the class-incremental references.
 Class-incremental split digits (5 experiences of 2 classes, global class ids in order,
 resized to the backbone's side, normalised with its mean and std). RKR, Piggyback and
 Mask-RKR train once each (default options, ``Adam(model.parameters(), lr=1e-3)``, batch
-32, ``task_inference="prototype"`` so that the class means are learned); after each
+32, ``task_inference="prototype"`` so that the class means are learned; the ranpac
+router's classifier learns from the same base features after each experience); after each
 experience the test experiences seen so far are evaluated, one at a time in batches of
 256 (as Avalanche does), under every router, and under the oracle that routes each input
 to the task that learned its class. The references on the same stream and backbone:
@@ -44,10 +45,11 @@ from avalanche_maskrkr.benchmarks.probe_check import METHODS, dataset_tensors
 from avalanche_maskrkr.benchmarks.transforms import resolve_input_spec
 from avalanche_maskrkr.cil import APER, RanPAC, SimpleCIL
 from avalanche_maskrkr.cil.prototypes import FrozenBackbone
+from avalanche_maskrkr.ridge import RandomFeatureRidge
 from avalanche_maskrkr.results import (average_incremental_accuracy, format_table,
                                        last_accuracy)
 
-ROUTERS = ("oracle", "prototype", "entropy", "energy", "supsup")
+ROUTERS = ("oracle", "prototype", "ranpac", "entropy", "energy", "supsup")
 EXPERIENCES, CLASSES, EVAL_BATCH = 5, 10, 256
 
 
@@ -59,13 +61,16 @@ def evaluator() -> EvaluationPlugin:
 
 @contextmanager
 def using_router(network, router: str):
-    """``network`` routing with ``router`` inside the block, its own router again after."""
-    options = network.options
+    """``network`` routing with ``router`` inside the block (``"ranpac"``: with the
+    classifier in ``network.ranpac_router``), its own router again after."""
+    options, own = network.options, network.base_classifier
     network.options = dataclasses.replace(options, task_inference=router)
+    if router == "ranpac":
+        network.base_classifier = network.ranpac_router
     try:
         yield
     finally:
-        network.options = options
+        network.options, network.base_classifier = options, own
 
 
 @torch.no_grad()
@@ -125,18 +130,24 @@ def router_costs(network, x: Tensor, y: Tensor, seed: int, singles: int = 16,
     return costs
 
 
-def run_method(method: str, model: nn.Module, stream, tests, epochs: int) -> dict[str, dict]:
+def run_method(method: str, model: nn.Module, stream, tests, epochs: int,
+               ranpac_m: int) -> dict[str, dict]:
     """Train ``method`` once; per router its accuracy matrix, final task-identification
-    accuracy and costs."""
+    accuracy and costs. The network learns the prototype router's class means; the
+    ranpac router's classifier (M = ``ranpac_m``) learns from the same base features."""
     strategy = METHODS[method](model=model, optimizer=torch.optim.Adam(model.parameters(),
                                                                         lr=1e-3),
                                train_mb_size=32, train_epochs=epochs, eval_mb_size=EVAL_BATCH,
                                evaluator=evaluator(), task_inference="prototype")
     network = strategy.model
+    network.ranpac_router = RandomFeatureRidge(network.feature_dim, ranpac_m)
     matrices = {r: np.full((EXPERIENCES, EXPERIENCES), np.nan) for r in ROUTERS}
     for i, experience in enumerate(stream.train_stream):
         strategy.train(experience)
         network.eval()
+        x, y = dataset_tensors(experience.dataset.eval())
+        with torch.no_grad():
+            network.ranpac_router.learn(network.base_features(x), y)
         for router in ROUTERS:
             for j, (x, y) in enumerate(tests[:i + 1]):
                 matrices[router][i, j] = accuracy(
@@ -213,7 +224,8 @@ def main() -> None:
             for method in METHODS:
                 start = time.perf_counter()
                 torch.manual_seed(seed)
-                results = run_method(method, make_model(), stream, tests, args.epochs)
+                results = run_method(method, make_model(), stream, tests, args.epochs,
+                                     args.ranpac_m)
                 oracle = results["oracle"]
                 for router, r in results.items():
                     routed.append({

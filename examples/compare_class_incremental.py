@@ -1,5 +1,5 @@
 """Class-incremental comparison: SimpleCIL, RanPAC, APER, RKR, Piggyback and Mask-RKR
-(task-free inference, the prototype router by default) beside Avalanche's naive
+(task-free inference, the ranpac router by default) beside Avalanche's naive
 fine-tuning, LwF, Replay, DER and iCaRL, with one classifier over all classes and no task
 label at test time (``--scenario class``; on CIFAR-100 the published class order, seed
 1993). One summary (summary.csv with avg_incremental_accuracy, last_accuracy,
