@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from avalanche.benchmarks import nc_benchmark
 from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
 from avalanche.evaluation.metrics import accuracy_metrics
+from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin
 from sklearn.datasets import load_digits
 from torch import nn
 
 from avalanche_maskrkr.baseline_accounting import baseline_cost
-from avalanche_maskrkr.cil import RanPAC, SimpleCIL
+from avalanche_maskrkr.cil import RanPAC, RanPACPlugin, SimpleCIL, SimpleCILPlugin
 from avalanche_maskrkr.cil.ranpac import RanPACClassifier
 
 
@@ -140,3 +141,25 @@ def test_stored_class_statistics_are_counted():
         for k, experience in zip((2, 4), stream.train_stream):
             strategy.train(experience)
             assert baseline_cost(strategy.model, [])["total_params"] == expected[name](k)
+
+
+@pytest.mark.parametrize("plugin, strategy", [
+    (lambda: SimpleCILPlugin(), lambda m: SimpleCIL(model=m, evaluator=evaluator())),
+    (lambda: RanPACPlugin(M=32), lambda m: RanPAC(model=m, M=32, evaluator=evaluator()))])
+def test_plugin_on_naive_is_the_strategy(plugin, strategy):
+    """On Naive (whose epochs it skips), the plugin gives the strategy's classifier, and
+    evaluating classes not learned yet is an inf loss, not an error."""
+    stream = digits_stream()
+    model = MLP()
+    naive = Naive(model=copy.deepcopy(model), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                  train_epochs=3, plugins=[plugin()], evaluator=evaluator())
+    reference = strategy(copy.deepcopy(model))
+    for experience in stream.train_stream[:2]:
+        naive.train(experience)
+        reference.train(experience)
+    assert naive.train_epochs == 3
+    x, _ = tensors(stream.test_stream[:2])
+    naive.model.eval()
+    torch.testing.assert_close(naive.model(x), reference.model(x))
+    results = naive.eval(stream.test_stream[:3])
+    assert results["Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp002"] == 0

@@ -29,8 +29,8 @@ from ..network import TaskAwareNetwork
 from ..options import METHODS, make_options
 from ..plugins import clear_state, point_optimizer, user_settings
 from ..routing import GrowingBuffers
-from .prototypes import (CosinePrototypes, FeatureStatisticsStrategy, dataset_batches,
-                         remove_classifier)
+from .plugins import FeatureStatisticsPlugin, FeatureStatisticsStrategy, dataset_batches
+from .prototypes import CosinePrototypes, remove_classifier
 
 ADAPTERS = (*METHODS, "bottleneck")
 ADAPTED_TASK = 0
@@ -295,9 +295,53 @@ class APERClassifier(CosinePrototypes):
                  adapter_options: dict | None = None, head_name: str | None = None):
         super().__init__(adapted_backbone(model, adapter, adapter_options or {}, head_name))
 
+    def forward(self, x: Tensor) -> Tensor:
+        """Cosine logits; while the module trains, the temporary head's instead."""
+        if self.training and not self.backbone.frozen:
+            return self.backbone.training_logits(x)
+        return super().forward(x)
+
+
+class APERPlugin(FeatureStatisticsPlugin):
+    """APER as a plugin: the model becomes an :class:`APERClassifier` (arguments as
+    :class:`APER`'s); on the first experience the module and a temporary head train for
+    the strategy's epochs, the strategy's optimizer (one parameter group, e.g.
+    ``SGD(model.parameters(), lr=0.01)``) pointed at them by role, its class and
+    hyperparameters kept (:func:`~avalanche_maskrkr.plugins.point_optimizer`); after its
+    last epoch the module is frozen for good."""
+
+    def __init__(self, adapter: str = "rkr", adapter_options: dict | None = None,
+                 head_name: str | None = None):
+        super().__init__(APERClassifier, lambda model: APERClassifier(
+            model, adapter, adapter_options, head_name))
+        self._settings: dict | None = None  # the user optimizer's hyperparameters
+
+    def trains(self, strategy) -> bool:
+        return not strategy.model.backbone.frozen
+
+    def before_training_exp(self, strategy, **kwargs):
+        super().before_training_exp(strategy, **kwargs)
+        backbone = strategy.model.backbone
+        if backbone.frozen:
+            return
+        backbone.start(strategy.experience.classes_in_this_experience)
+        if self._settings is None:
+            self._settings = user_settings(strategy.optimizer)
+        groups, rates = backbone.parameter_groups(self._settings["lr"])
+        point_optimizer(strategy.optimizer, groups, self._settings, rates)
+
+    def after_training_exp(self, strategy, **kwargs):
+        backbone = strategy.model.backbone
+        if not backbone.frozen:
+            dataset = strategy.experience.dataset.eval()
+            backbone.finish(x for x, _ in dataset_batches(dataset, strategy.eval_mb_size,
+                                                          strategy.device))
+            clear_state(strategy.optimizer)
+        super().after_training_exp(strategy, **kwargs)
+
 
 class APER(FeatureStatisticsStrategy):
-    """APER as an Avalanche strategy.
+    """APER as an Avalanche strategy (the template with :class:`APERPlugin`).
 
     First experience: ``train_epochs`` epochs of cross-entropy on the module and a
     temporary head (the optimizer pointed at them), after the last of which the module is
@@ -326,45 +370,5 @@ class APER(FeatureStatisticsStrategy):
                  train_epochs: int = 20, head_name: str | None = None, **kwargs):
         if not isinstance(train_epochs, int) or train_epochs < 1:
             raise ValueError(f"train_epochs must be an integer >= 1, got {train_epochs!r}")
-        super().__init__(model=APERClassifier(model, adapter, adapter_options, head_name),
-                         **kwargs)
-        self.optimizer = optimizer
-        self.adaptation_epochs = train_epochs
-        self._settings: dict | None = None  # the user optimizer's hyperparameters
-
-    def _before_training_exp(self, **kwargs):
-        self.train_epochs = 1 if self.model.backbone.frozen else self.adaptation_epochs
-        super()._before_training_exp(**kwargs)
-
-    def model_adaptation(self, model=None):
-        model = super().model_adaptation(model)
-        if self.is_training and not model.backbone.frozen:
-            model.backbone.start(self.experience.classes_in_this_experience)
-        return model
-
-    def make_optimizer(self, **kwargs):
-        """Point the optimizer at the module and the temporary head while they train."""
-        backbone = self.model.backbone
-        if backbone.frozen or not len(backbone.classes):
-            return
-        if self._settings is None:
-            self._settings = user_settings(self.optimizer)
-        groups, rates = backbone.parameter_groups(self._settings["lr"])
-        point_optimizer(self.optimizer, groups, self._settings, rates)
-
-    def forward(self):
-        if self.is_training and not self.model.backbone.frozen:
-            return self.model.backbone.training_logits(self.mb_x)
-        return super().forward()
-
-    def training_epoch(self, **kwargs):
-        backbone = self.model.backbone
-        if not backbone.frozen:  # the template's SGD epoch, then on the last one, freeze
-            super(FeatureStatisticsStrategy, self).training_epoch(**kwargs)
-            if self.clock.train_exp_epochs + 1 < self.train_epochs:
-                return
-            dataset = self.experience.dataset.eval()
-            backbone.finish(x for x, _ in dataset_batches(dataset, self.eval_mb_size,
-                                                          self.device))
-            clear_state(self.optimizer)
-        super().training_epoch(**kwargs)  # the prototypes
+        super().__init__(model=model, plugin=APERPlugin(adapter, adapter_options, head_name),
+                         optimizer=optimizer, train_epochs=train_epochs, **kwargs)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..ridge import DEFAULT_RIDGE_GRID, RandomFeatureRidge
-from .prototypes import FeatureStatisticsStrategy, FrozenBackbone
+from .plugins import FeatureStatisticsPlugin, FeatureStatisticsStrategy
+from .prototypes import FrozenBackbone
 
 
 class RanPACClassifier(RandomFeatureRidge):
@@ -22,6 +23,17 @@ class RanPACClassifier(RandomFeatureRidge):
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(self.backbone(x))
+
+
+class RanPACPlugin(FeatureStatisticsPlugin):
+    """RanPAC as a plugin: the model becomes a :class:`RanPACClassifier` (arguments as
+    :class:`RanPAC`'s)."""
+
+    def __init__(self, M: int = 10000, seed: int = 0,
+                 ridge_grid: tuple[float, ...] = DEFAULT_RIDGE_GRID,
+                 holdout_fraction: float = 0.2, head_name: str | None = None):
+        super().__init__(RanPACClassifier, lambda model: RanPACClassifier(
+            model, M, seed, ridge_grid, holdout_fraction, head_name))
 
 
 class RanPAC(FeatureStatisticsStrategy):
@@ -41,5 +53,5 @@ class RanPAC(FeatureStatisticsStrategy):
     def __init__(self, *, model: nn.Module, M: int = 10000, seed: int = 0,
                  ridge_grid: tuple[float, ...] = DEFAULT_RIDGE_GRID,
                  holdout_fraction: float = 0.2, head_name: str | None = None, **kwargs):
-        classifier = RanPACClassifier(model, M, seed, ridge_grid, holdout_fraction, head_name)
-        super().__init__(model=classifier, **kwargs)
+        plugin = RanPACPlugin(M, seed, ridge_grid, holdout_fraction, head_name)
+        super().__init__(model=model, plugin=plugin, **kwargs)

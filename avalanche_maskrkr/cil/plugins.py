@@ -1,0 +1,119 @@
+"""SimpleCIL, RanPAC and APER as Avalanche plugins, for ``Naive`` or any
+``SupervisedTemplate``; their strategies are the template with the plugin
+(:class:`FeatureStatisticsStrategy`).
+
+Added to a strategy over an unconverted model, a plugin wraps the model in place (its
+classifier removed) the first time the strategy trains or evaluates, and then, for each
+training experience:
+  * before it: APER's first experience trains the module and a temporary head for the
+    strategy's ``train_epochs`` (its optimizer pointed at them, as the methods' plugins
+    do); otherwise the epoch loop is skipped: no gradient step;
+  * after it: APER's module is frozen after its first experience; then one pass over the
+    experience's training data (eval transform) hands the backbone's features to the
+    model's ``learn`` (class means; RanPAC's statistics and solve), counted as one
+    training iteration (each evaluation after an experience has its own step in the
+    metric history);
+  * after every forward, training or evaluation: the logits are padded at -inf up to
+    the minibatch's largest label, so the loss of a class not learned yet is inf (never
+    predicted) instead of an index error.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
+from avalanche.training.templates import SupervisedTemplate
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+
+def dataset_batches(dataset, batch_size: int,
+                    device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """Inputs (B, ...) and labels (B,) of an Avalanche dataset on ``device``, in order."""
+    loader = DataLoader(dataset, batch_size=batch_size,
+                        collate_fn=getattr(dataset, "collate_fn", None))
+    for x, y, *_ in loader:
+        yield x.to(device), y.to(device)
+
+
+@torch.no_grad()
+def dataset_features(backbone: nn.Module, dataset, batch_size: int,
+                     device: torch.device) -> tuple[Tensor, Tensor]:
+    """Backbone features (N, D) and labels (N,) of an Avalanche dataset, in order."""
+    features, labels = [], []
+    for x, y in dataset_batches(dataset, batch_size, device):
+        features.append(backbone(x))
+        labels.append(y)
+    return torch.cat(features), torch.cat(labels)
+
+
+class FeatureStatisticsPlugin(SupervisedPlugin):
+    """A model with a ``backbone`` and ``learn(features, labels)``, built from the user's
+    model by ``wrap`` (an instance of ``model_class``), learning from one pass per
+    experience (see the module docstring)."""
+
+    def __init__(self, model_class: type[nn.Module], wrap: Callable[[nn.Module], nn.Module]):
+        super().__init__()
+        self.model_class, self.wrap = model_class, wrap
+        self._epochs: int | None = None  # the strategy's, while skipped
+
+    def _ensure_wrapped(self, strategy) -> None:
+        if not isinstance(strategy.model, self.model_class):
+            strategy.model = self.wrap(strategy.model).to(strategy.device)
+
+    def before_training(self, strategy, **kwargs):
+        self._ensure_wrapped(strategy)
+
+    def before_eval(self, strategy, **kwargs):
+        self._ensure_wrapped(strategy)
+
+    def trains(self, strategy) -> bool:
+        """Whether this experience takes gradient steps (APER's first)."""
+        return False
+
+    def before_training_exp(self, strategy, **kwargs):
+        if not self.trains(strategy):
+            self._epochs, strategy.train_epochs = strategy.train_epochs, 0
+
+    def after_training_exp(self, strategy, **kwargs):
+        if self._epochs is not None:
+            strategy.train_epochs, self._epochs = self._epochs, None
+        features, labels = dataset_features(strategy.model.backbone,
+                                            strategy.experience.dataset.eval(),
+                                            strategy.eval_mb_size, strategy.device)
+        strategy.model.learn(features, labels)
+        strategy.clock.train_iterations += 1
+
+    def after_forward(self, strategy, **kwargs):
+        strategy.mb_output = padded_to_labels(strategy.mb_output, strategy.mb_y)
+
+    def after_eval_forward(self, strategy, **kwargs):
+        strategy.mb_output = padded_to_labels(strategy.mb_output, strategy.mb_y)
+
+
+def padded_to_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, K) logits padded at -inf to (B, max(K, largest label + 1))."""
+    missing = int(labels.max()) + 1 - logits.shape[1] if len(labels) else 0
+    return F.pad(logits, (0, missing), value=float("-inf")) if missing > 0 else logits
+
+
+class FeatureStatisticsStrategy(SupervisedTemplate):
+    """A ``SupervisedTemplate`` with ``plugin`` (a :class:`FeatureStatisticsPlugin`),
+    whose model is ``plugin.wrap(model)`` from the start. Keyword-only arguments as
+    Avalanche's; without an ``optimizer`` (nothing trains) a placeholder is used;
+    ``criterion`` defaults to cross-entropy."""
+
+    def __init__(self, *, model: nn.Module, plugin: FeatureStatisticsPlugin,
+                 optimizer: torch.optim.Optimizer | None = None, criterion=None,
+                 train_mb_size: int = 32, train_epochs: int = 1, eval_mb_size: int = 32,
+                 device="cpu", plugins=None, evaluator=None, eval_every: int = -1):
+        if optimizer is None:
+            optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+        kwargs = {} if evaluator is None else {"evaluator": evaluator}
+        super().__init__(model=plugin.wrap(model), optimizer=optimizer,
+                         criterion=criterion or nn.CrossEntropyLoss(),
+                         train_mb_size=train_mb_size, train_epochs=train_epochs,
+                         eval_mb_size=eval_mb_size, device=device,
+                         plugins=[plugin, *(plugins or [])], eval_every=eval_every, **kwargs)
