@@ -9,14 +9,14 @@ warnings.filterwarnings("ignore", message="no QP solver found", category=UserWar
 
 from . import models  # noqa: F401  (registers resnet18_cifar with timm)
 from .accounting import find_k_plus, parameter_report
-from .cil import APER, RanPAC, SimpleCIL
+from .cil import APER, APERPlugin, RanPAC, RanPACPlugin, SimpleCIL, SimpleCILPlugin
 from .conversion import convert, find_classifier
 from .network import TaskAwareNetwork
 from .options import MaskRKROptions, PiggybackOptions, RKROptions, make_options
 from .plugins import MaskRKRPlugin, PiggybackPlugin, RKRPlugin
 from .strategies import RKR, MaskRKR, Piggyback
 
-__all__ = ["APER", "RKR", "MaskRKR", "MaskRKROptions", "MaskRKRPlugin", "Piggyback",
+__all__ = ["APER", "APERPlugin", "RKR", "MaskRKR", "MaskRKROptions", "MaskRKRPlugin", "Piggyback",
            "PiggybackOptions", "PiggybackPlugin", "RKROptions", "RKRPlugin", "RanPAC",
-           "SimpleCIL", "TaskAwareNetwork", "convert", "find_classifier", "find_k_plus", "make_options",
+           "RanPACPlugin", "SimpleCIL", "SimpleCILPlugin", "TaskAwareNetwork", "convert", "find_classifier", "find_k_plus", "make_options",
            "parameter_report"]
