@@ -17,7 +17,7 @@ from avalanche.training import Naive
 from sklearn.datasets import load_digits
 from torch import nn
 
-from avalanche_maskrkr.cil import APER, APERClassifier, APERPlugin
+from avalanche_maskrkr.cil import APER, APERClassifier, APERPlugin, RanPAC
 from avalanche_maskrkr.cil.aper import BottleneckBackbone
 from avalanche_maskrkr.cil.prototypes import remove_classifier
 from avalanche_maskrkr.options import make_options
@@ -282,3 +282,31 @@ def test_plugin_on_naive_is_the_strategy():
     # the same up to the order of float operations (cosine logits, in [-1, 1])
     torch.testing.assert_close(naive.model(x), strategy.model(x), rtol=0, atol=2e-4)
     assert naive.train_epochs == 2 and naive.model.backbone.frozen
+
+
+def test_ranpac_with_first_session_adaptation():
+    """RanPAC's optional adaptation: the module trains on the first experience only;
+    the ridge classifier then reads the adapted features alone (D, not 2D), and it is the
+    joint ridge solution on them."""
+    torch.manual_seed(0)
+    stream = digits_stream()
+    model = vit()
+    with pytest.raises(ValueError, match="needs an optimizer"):
+        RanPAC(model=copy.deepcopy(model), M=32, adapter="bottleneck")
+    strategy = RanPAC(model=model, M=32, adapter="bottleneck", ridge_grid=(1.0,),
+                      optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                      train_epochs=2, train_mb_size=16, eval_mb_size=128, evaluator=evaluator())
+    backbone = strategy.model.backbone
+    strategy.train(stream.train_stream[0])
+    assert backbone.frozen and backbone.feature_dim == 64
+    assert all(a.branch.up.weight.abs().sum() > 0 for a in backbone.adapters)
+    frozen = snapshot(backbone)
+    strategy.train(stream.train_stream[1])
+    assert_same(frozen, backbone)
+    x, y = tensors(stream.train_stream[:2])
+    with torch.no_grad():
+        adapted = backbone.adapted_features(x)
+        h = strategy.model.project(adapted).double()
+    targets = F.one_hot(y, int(y.max()) + 1).double()
+    joint = torch.linalg.solve(h.T @ h + torch.eye(32, dtype=torch.float64), h.T @ targets)
+    torch.testing.assert_close(strategy.model.weight, joint.float(), rtol=1e-4, atol=1e-5)

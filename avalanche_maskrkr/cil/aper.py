@@ -91,9 +91,14 @@ class AdaptedBackbone(GrowingBuffers):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.feature_dim = 2 * dim
+        self.dim = dim
+        self.concatenate = True  # False: the adapted features alone, (B, D) (RanPAC's)
         self.register_buffer("classes", torch.zeros(0, dtype=torch.long))
         self.frozen = False
+
+    @property
+    def feature_dim(self) -> int:
+        return 2 * self.dim if self.concatenate else self.dim
 
     def base_features(self, x: Tensor) -> Tensor:
         """(B, ...) -> (B, D): the pretrained backbone's features."""
@@ -122,6 +127,8 @@ class AdaptedBackbone(GrowingBuffers):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
+        if not self.concatenate:
+            return self.adapted_features(x)
         return torch.cat([self.base_features(x), self.adapted_features(x)], dim=1)
 
     def start(self, classes: list[int]) -> None:
@@ -211,7 +218,7 @@ class BottleneckBackbone(AdaptedBackbone):
 
     def _add_head(self, n_classes):
         weight = self.adapters[0].branch.up.weight
-        self.head = nn.Linear(self.feature_dim // 2, n_classes, device=weight.device,
+        self.head = nn.Linear(self.dim, n_classes, device=weight.device,
                               dtype=weight.dtype)
 
     def _head_logits(self, x):
@@ -274,17 +281,27 @@ class MethodBackbone(AdaptedBackbone):
 
 
 def adapted_backbone(model: nn.Module, adapter: str, adapter_options: dict,
-                     head_name: str | None = None) -> AdaptedBackbone:
+                     head_name: str | None = None, concatenate: bool = True) -> AdaptedBackbone:
     """``model`` (modified in place) with the module ``adapter`` (one of :data:`ADAPTERS`);
-    ``head_name``, when given, overrides a method's option of that name."""
+    ``head_name``, when given, overrides a method's option of that name; features: base
+    and adapted concatenated, or (``concatenate=False``) the adapted alone."""
     if adapter == "bottleneck":
-        return BottleneckBackbone(model, head_name, **adapter_options)
-    if adapter not in METHODS:
+        backbone = BottleneckBackbone(model, head_name, **adapter_options)
+    elif adapter in METHODS:
+        options = make_options(adapter, **adapter_options)
+        if head_name is not None:
+            options = make_options(options, head_name=head_name)
+        backbone = MethodBackbone(model, options)
+    else:
         raise ValueError(f"unknown adapter {adapter!r}; choose one of {ADAPTERS}")
-    options = make_options(adapter, **adapter_options)
-    if head_name is not None:
-        options = make_options(options, head_name=head_name)
-    return MethodBackbone(model, options)
+    backbone.concatenate = concatenate
+    return backbone
+
+
+def adapting(backbone: nn.Module) -> bool:
+    """Whether ``backbone`` has a module still to train (an :class:`AdaptedBackbone`
+    before :meth:`~AdaptedBackbone.finish`)."""
+    return isinstance(backbone, AdaptedBackbone) and not backbone.frozen
 
 
 class APERClassifier(CosinePrototypes):
@@ -297,32 +314,30 @@ class APERClassifier(CosinePrototypes):
 
     def forward(self, x: Tensor) -> Tensor:
         """Cosine logits; while the module trains, the temporary head's instead."""
-        if self.training and not self.backbone.frozen:
+        if self.training and adapting(self.backbone):
             return self.backbone.training_logits(x)
         return super().forward(x)
 
 
-class APERPlugin(FeatureStatisticsPlugin):
-    """APER as a plugin: the model becomes an :class:`APERClassifier` (arguments as
-    :class:`APER`'s); on the first experience the module and a temporary head train for
-    the strategy's epochs, the strategy's optimizer (one parameter group, e.g.
+class AdaptOncePlugin(FeatureStatisticsPlugin):
+    """A :class:`~.plugins.FeatureStatisticsPlugin` whose model's backbone may be an
+    :class:`AdaptedBackbone`: on the first experience the module and a temporary head
+    train for the strategy's epochs, the strategy's optimizer (one parameter group, e.g.
     ``SGD(model.parameters(), lr=0.01)``) pointed at them by role, its class and
     hyperparameters kept (:func:`~avalanche_maskrkr.plugins.point_optimizer`); after its
     last epoch the module is frozen for good."""
 
-    def __init__(self, adapter: str = "rkr", adapter_options: dict | None = None,
-                 head_name: str | None = None):
-        super().__init__(APERClassifier, lambda model: APERClassifier(
-            model, adapter, adapter_options, head_name))
+    def __init__(self, model_class: type[nn.Module], wrap):
+        super().__init__(model_class, wrap)
         self._settings: dict | None = None  # the user optimizer's hyperparameters
 
     def trains(self, strategy) -> bool:
-        return not strategy.model.backbone.frozen
+        return adapting(strategy.model.backbone)
 
     def before_training_exp(self, strategy, **kwargs):
         super().before_training_exp(strategy, **kwargs)
         backbone = strategy.model.backbone
-        if backbone.frozen:
+        if not adapting(backbone):
             return
         backbone.start(strategy.experience.classes_in_this_experience)
         if self._settings is None:
@@ -332,12 +347,22 @@ class APERPlugin(FeatureStatisticsPlugin):
 
     def after_training_exp(self, strategy, **kwargs):
         backbone = strategy.model.backbone
-        if not backbone.frozen:
+        if adapting(backbone):
             dataset = strategy.experience.dataset.eval()
             backbone.finish(x for x, _ in dataset_batches(dataset, strategy.eval_mb_size,
                                                           strategy.device))
             clear_state(strategy.optimizer)
         super().after_training_exp(strategy, **kwargs)
+
+
+class APERPlugin(AdaptOncePlugin):
+    """APER as a plugin: the model becomes an :class:`APERClassifier` (arguments as
+    :class:`APER`'s), its module trained on the first experience (:class:`AdaptOncePlugin`)."""
+
+    def __init__(self, adapter: str = "rkr", adapter_options: dict | None = None,
+                 head_name: str | None = None):
+        super().__init__(APERClassifier, lambda model: APERClassifier(
+            model, adapter, adapter_options, head_name))
 
 
 class APER(FeatureStatisticsStrategy):
