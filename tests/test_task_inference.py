@@ -17,7 +17,7 @@ from avalanche_maskrkr import convert
 from avalanche_maskrkr.accounting import method_cost
 from avalanche_maskrkr.evaluation import TaskIdentificationAccuracy
 from avalanche_maskrkr.options import make_options
-from avalanche_maskrkr.routing import choose_tasks, energy, entropy
+from avalanche_maskrkr.routing import choose_tasks, energy, entropy, task_logits
 
 METHODS = {"rkr": amr.RKR, "piggyback": amr.Piggyback, "mask-rkr": amr.MaskRKR}
 
@@ -244,3 +244,27 @@ def test_torchvision_attention_falls_back_to_one_call_per_task():
     with torch.no_grad():
         by_hand = torch.stack([entropy(network.forward_single_task(x, t)) for t in range(3)])
         assert choose_tasks(network, x).tolist() == by_hand.argmin(0).tolist()
+
+
+def test_out_of_memory_splits_the_tasks_in_halves(monkeypatch):
+    """A call over more tasks than memory allows is split in halves, down to one call
+    per task where needed; the logits are the same."""
+    torch.manual_seed(0)
+    network = perturbed_tasks(convert(MLP(), make_options("rkr", task_inference="energy")),
+                              n_tasks=4, scale=1.0)
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        expected = [network.forward_single_task(x, t) for t in range(4)]
+        calls = []
+        fits = network.forward_tasks
+
+        def small_memory(x, tasks, alphas=None):
+            calls.append(list(tasks))
+            if len(tasks) > 1:
+                raise torch.OutOfMemoryError("too many tasks at once")
+            return fits(x, tasks, alphas)
+
+        monkeypatch.setattr(network, "forward_tasks", small_memory)
+        for got, want in zip(task_logits(network, x, [0, 1, 2, 3]), expected):
+            torch.testing.assert_close(got, want)
+    assert calls == [[0, 1, 2, 3], [0, 1], [2, 3]]
