@@ -37,12 +37,14 @@ from avalanche.training.plugins import (
     SynapticIntelligencePlugin,
 )
 from avalanche.training.plugins.clock import Clock
+from avalanche.training import DER
 from avalanche.training.templates import SupervisedTemplate
 from avalanche.training.templates.base_sgd import PeriodicEval
 from avalanche.training.utils import ParamData
 from torch import nn
 
 from .baselines import FreshOptimizerState, StepDecay, SynapticIntelligence
+from .cil.plugins import FeatureStatisticsPlugin
 from .conversion import find_classifier
 from .plugins import MethodPlugin
 
@@ -57,10 +59,14 @@ PLUGIN_STATE: dict[type, tuple[str, ...]] = {
 }
 """Plugin class -> attributes (dotted) that carry state between experiences."""
 
-STATELESS_PLUGINS = (MethodPlugin, FreshOptimizerState, StepDecay, EvaluationPlugin, Clock,
-                     PeriodicEval)
+STATELESS_PLUGINS = (MethodPlugin, FeatureStatisticsPlugin, FreshOptimizerState, StepDecay,
+                     EvaluationPlugin, Clock, PeriodicEval)
 """Plugins whose state between experiences is in the model, the clock or the metric
 history (or that reset each experience)."""
+
+STATEFUL_STRATEGIES = (DER,)
+"""Strategies that keep state of their own between experiences (DER's buffer), which a
+checkpoint does not hold."""
 
 _PARAM_DATA, _MODULE = "__ParamData__", "__module_state__"
 
@@ -174,8 +180,8 @@ def _split(obj: Any, dotted: str) -> tuple[Any, str]:
 
 def can_resume(strategy: SupervisedTemplate) -> bool:
     """Whether :func:`capture` saves everything ``strategy`` carries between experiences."""
-    return all(isinstance(p, STATELESS_PLUGINS) or type(p) in PLUGIN_STATE
-               for p in strategy.plugins)
+    return not isinstance(strategy, STATEFUL_STRATEGIES) and all(
+        isinstance(p, STATELESS_PLUGINS) or type(p) in PLUGIN_STATE for p in strategy.plugins)
 
 
 # -- run checkpoints -----------------------------------------------------------------------

@@ -12,6 +12,7 @@ from test_runner import Killed, kill_at, parse
 from avalanche_maskrkr import runner
 from avalanche_maskrkr.baseline_accounting import baseline_cost
 from avalanche_maskrkr.benchmarks import split_digits
+from avalanche_maskrkr.checkpoint import can_resume
 from avalanche_maskrkr.class_baselines import build_class_baseline
 from avalanche_maskrkr.config import ConfigError, resolve
 from avalanche_maskrkr.results import average_incremental_accuracy, forgetting, last_accuracy
@@ -50,14 +51,22 @@ def test_class_incremental_run_writes_the_class_summary_and_resumes(tmp_path):
     # only the method that routes has a task-identification accuracy
     assert summary["task_id_accuracy"].notna().tolist() == [False, False, False, True, False]
     assert 0 < summary.loc["piggyback", "task_id_accuracy"] <= 1
-    # killed after the first experience of APER and of Piggyback, resumed: the same results
+    # killed after the first experience of APER, then of Piggyback, resumed each time
+    # where it stopped: the same results
     resumed = [*argv, "--out", str(tmp_path / "killed")]
+    trained = []
+
+    def record_then_kill_at(label: str, experience: int):
+        kill = kill_at(label, experience)
+        return lambda *at: (trained.append(at), kill(*at))
+
     for point in [("aper", 0), ("piggyback", 0)]:
         with pytest.raises(Killed):
-            runner.run(parse(resumed), after_experience=kill_at(*point))
-    trained = []
+            runner.run(parse(resumed), after_experience=record_then_kill_at(*point))
     result = runner.run(parse(resumed), after_experience=lambda *at: trained.append(at))
-    assert trained == [("piggyback", 1), ("naive", 0), ("naive", 1)]
+    assert trained == [("simplecil", 0), ("simplecil", 1), ("ranpac", 0), ("ranpac", 1),
+                       ("aper", 0), ("aper", 1), ("piggyback", 0), ("piggyback", 1),
+                       ("naive", 0), ("naive", 1)]  # each experience trained once
     for name, matrix in full.matrices.items():
         np.testing.assert_array_equal(result.matrices[name], matrix)
     pd.testing.assert_frame_equal(result.summary.drop(columns="train_seconds"),
@@ -91,3 +100,4 @@ def test_class_baselines_count_their_memory(name, per_sample):
     model = sum(p.numel() for p in strategy.model.parameters())
     stored = baseline_cost(strategy.model, [*strategy.plugins, strategy])["total_params"]
     assert stored - model == 200 * per_sample
+    assert not can_resume(strategy)  # the memory is not in a checkpoint: saved at the end
