@@ -331,12 +331,17 @@ def parameter_cost(evaluator_or_metrics: EvaluationPlugin | MetricHistory) -> di
     return cost
 
 
+def _experience_metric(metric: str, stream: str) -> re.Pattern:
+    """The names ``metric`` takes per evaluated experience of ``stream`` (its id: group 1)."""
+    return re.compile(rf"^{metric}/eval_phase/{re.escape(stream)}_stream/(?:Task\d+/)?Exp(\d+)$")
+
+
 def final_task_id_accuracy(evaluator_or_metrics: EvaluationPlugin | MetricHistory,
                            sizes: Sequence[int]) -> float | None:
     """Task-identification accuracy over the whole test stream at the last evaluation:
     each experience's last logged :class:`TaskIdentificationAccuracy`, weighted by its
     test-set size (``sizes``); None if none was logged (a model that infers no task)."""
-    pattern = re.compile(rf"^{TASK_ID_ACCURACY}/eval_phase/test_stream/(?:Task\d+/)?Exp(\d+)$")
+    pattern = _experience_metric(TASK_ID_ACCURACY, "test")
     last = {int(match.group(1)): values[-1]
             for name, (_, values) in _history(evaluator_or_metrics).items()
             if (match := pattern.match(name))}
@@ -366,9 +371,7 @@ def collect_accuracy_matrix(
     """
     if n_experiences < 1:
         raise ValueError(f"n_experiences must be positive, got {n_experiences}")
-    pattern = re.compile(
-        rf"^Top1_Acc_Exp/eval_phase/{re.escape(stream)}_stream/(?:Task\d+/)?Exp(\d+)$"
-    )
+    pattern = _experience_metric("Top1_Acc_Exp", stream)
     by_step: dict[int, dict[int, float]] = {}
     for name, (steps, values) in _history(evaluator_or_metrics).items():
         match = pattern.match(name)

@@ -18,7 +18,7 @@ Task parameters and heads are created by the network's Avalanche ``adaptation``.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import ClassVar
 
 import torch
@@ -111,29 +111,47 @@ class MethodPlugin(SupervisedPlugin):
         tasks = model.training_tasks(strategy.experience)
         if self.options.bn_policy == "task_stats":
             for task in tasks:
-                inputs = (x for x, _ in task_batches(strategy, task))
-                model.estimate_statistics(task, inputs)
+                model.estimate_statistics(task, task_inputs(strategy, task))
         if model.base_classifier is not None:  # the prototype or ranpac router
-            features, labels = zip(*[(model.base_features(x), y)
-                                     for x, y in task_batches(strategy, None)])
-            model.base_classifier.learn(torch.cat(features), torch.cat(labels))
+            model.base_classifier.learn(*dataset_features(
+                model.base_features, strategy.experience.dataset.eval(),
+                strategy.eval_mb_size, strategy.device))
         for task in tasks:
             model.finish_task(task)
 
 
-@torch.no_grad()
-def task_batches(strategy, task: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The current experience's training (inputs, labels) of stream task label ``task``
-    (None, or a class-incremental network: all), eval transforms, in batches of
-    ``strategy.eval_mb_size`` on the strategy's device."""
-    dataset = strategy.experience.dataset.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=strategy.eval_mb_size)
-    if strategy.model.class_incremental:
-        task = None  # the experience is the task it became
+def dataset_batches(dataset, batch_size: int, device: torch.device
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Inputs (B, ...), labels (B,) and task labels (B,) of an Avalanche dataset on
+    ``device``, in order."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
+                                         collate_fn=getattr(dataset, "collate_fn", None))
     for x, y, t, *_ in loader:
-        keep = slice(None) if task is None else t == task
-        if len(x[keep]):
-            yield x[keep].to(strategy.device), y[keep].to(strategy.device)
+        yield x.to(device), y.to(device), t.to(device)
+
+
+@torch.no_grad()
+def dataset_features(extract: Callable[[torch.Tensor], torch.Tensor], dataset,
+                     batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``extract``'s features (N, D) of an Avalanche dataset's inputs and its labels (N,),
+    in order."""
+    features, labels = [], []
+    for x, y, _ in dataset_batches(dataset, batch_size, device):
+        features.append(extract(x))
+        labels.append(y)
+    return torch.cat(features), torch.cat(labels)
+
+
+def task_inputs(strategy, task: int) -> Iterator[torch.Tensor]:
+    """The current experience's training inputs of stream task label ``task`` (all of
+    them for a class-incremental network: the experience is the task it became), eval
+    transforms, in batches of ``strategy.eval_mb_size`` on the strategy's device."""
+    for x, _, t in dataset_batches(strategy.experience.dataset.eval(), strategy.eval_mb_size,
+                                   strategy.device):
+        if not strategy.model.class_incremental:
+            x = x[t == task]
+        if len(x):
+            yield x
 
 
 class RKRPlugin(MethodPlugin):

@@ -5,7 +5,6 @@ with task-free inference, Avalanche's class-incremental baselines). The runner, 
 command line and the examples name strategies only through :func:`strategies_for`."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from torch import nn
 from .baselines import BASELINE_OPTION_NAMES, BASELINES, BackboneFactory, build_baseline
 from .cil import APER, RanPAC, SimpleCIL
 from .class_baselines import CLASS_BASELINES, build_class_baseline
-from .options import METHODS, make_options, option_names
+from .options import METHODS, option_names
 from .strategies import RKR, MaskRKR, MethodStrategy, Piggyback
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -75,19 +74,17 @@ def _simplecil(make_backbone, num_classes, make_optimizer, options, **template):
 
 
 def _ranpac(make_backbone, num_classes, make_optimizer, options, **template):
-    return RanPAC(model=make_backbone(num_classes), M=options.get("ranpac_dim", 10000),
+    return RanPAC(model=make_backbone(num_classes),
+                  M=options.get("ranpac_dim", PretrainedModelOptions.ranpac_dim),
                   seed=torch.initial_seed() % 2**31, head_name=options.get("head_name"),
                   **_without_epochs(template))
 
 
 def _aper(make_backbone, num_classes, make_optimizer, options, **template):
     adapter = options.get("adapter", PretrainedModelOptions.adapter)
-    if adapter in METHODS:
-        own = {k: v for k, v in options.items() if k in option_names(METHODS[adapter])
-               and k in PRETRAINED_MODEL_OPTIONS["aper"]}
-        adapter_options = dataclasses.asdict(make_options(adapter, **own))
-    else:
-        adapter_options = {}
+    adapter_options = {k: v for k, v in options.items() if adapter in METHODS
+                       and k in option_names(METHODS[adapter])
+                       and k in PRETRAINED_MODEL_OPTIONS["aper"]}
     model = make_backbone(num_classes)
     return APER(model=model, optimizer=make_optimizer(model.parameters()), adapter=adapter,
                 adapter_options=adapter_options, head_name=options.get("head_name"), **template)

@@ -27,9 +27,9 @@ from torch import Tensor, nn
 from ..conversion import convert
 from ..network import TaskAwareNetwork
 from ..options import METHODS, make_options
-from ..plugins import clear_state, point_optimizer, user_settings
+from ..plugins import clear_state, dataset_batches, point_optimizer, user_settings
 from ..routing import GrowingBuffers
-from .plugins import FeatureStatisticsPlugin, FeatureStatisticsStrategy, dataset_batches
+from .plugins import FeatureStatisticsPlugin, FeatureStatisticsStrategy
 from .prototypes import CosinePrototypes, remove_classifier
 
 ADAPTERS = (*METHODS, "bottleneck")
@@ -349,8 +349,8 @@ class AdaptOncePlugin(FeatureStatisticsPlugin):
         backbone = strategy.model.backbone
         if adapting(backbone):
             dataset = strategy.experience.dataset.eval()
-            backbone.finish(x for x, _ in dataset_batches(dataset, strategy.eval_mb_size,
-                                                          strategy.device))
+            backbone.finish(x for x, *_ in dataset_batches(dataset, strategy.eval_mb_size,
+                                                           strategy.device))
             clear_state(strategy.optimizer)
         super().after_training_exp(strategy, **kwargs)
 

@@ -19,34 +19,15 @@ training experience:
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from avalanche.training.templates import SupervisedTemplate
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch import nn
 
-
-def dataset_batches(dataset, batch_size: int,
-                    device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    """Inputs (B, ...) and labels (B,) of an Avalanche dataset on ``device``, in order."""
-    loader = DataLoader(dataset, batch_size=batch_size,
-                        collate_fn=getattr(dataset, "collate_fn", None))
-    for x, y, *_ in loader:
-        yield x.to(device), y.to(device)
-
-
-@torch.no_grad()
-def dataset_features(backbone: nn.Module, dataset, batch_size: int,
-                     device: torch.device) -> tuple[Tensor, Tensor]:
-    """Backbone features (N, D) and labels (N,) of an Avalanche dataset, in order."""
-    features, labels = [], []
-    for x, y in dataset_batches(dataset, batch_size, device):
-        features.append(backbone(x))
-        labels.append(y)
-    return torch.cat(features), torch.cat(labels)
+from ..plugins import dataset_features
 
 
 class FeatureStatisticsPlugin(SupervisedPlugin):
