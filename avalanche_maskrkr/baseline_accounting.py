@@ -18,7 +18,9 @@ of a parameter. Bytes are those tensors' bytes in their dtype, bits packed.
 * ``replay``: each buffered sample's input values, counted like parameters (the float
   tensor the model reads); its class and task labels are left out. ``der`` (a strategy
   keeping its own buffer): each buffered sample's input values and its stored logits;
-  ``icarl``: its exemplars' input values.
+  ``icarl``: its exemplars' input values and its class means (Avalanche keeps one
+  embedding for every class of the stream from the first experience on, zero until the
+  class is seen).
 * ``packnet``: one network, plus which task owns each prunable weight: after T tasks a
   weight belongs to one of the T tasks or is still free, so ``ceil(log2(T + 1))`` bits
   per weight (``owner_bits``). Ownership is nested (task t sees the weights of tasks
@@ -122,7 +124,7 @@ def _der_state(strategy: DER) -> Storage:
 
 
 def _icarl_state(plugin: _ICaRLPlugin) -> Storage:
-    return tensor_storage(plugin.x_memory)
+    return tensor_storage([*plugin.x_memory, *plugin.class_means.values()])
 
 
 PLUGIN_STATE: dict[type, Callable[[SupervisedPlugin], Storage]] = {
