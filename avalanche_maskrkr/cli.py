@@ -26,7 +26,8 @@ from .registry import APER_ADAPTERS, PretrainedModelOptions, option_users, strat
 
 REPORT_CSV_COLUMNS = ["method", "rank", "total_params", "overhead_pct"]
 CHOICES = {"bn_policy": BN_POLICIES, "mask_placement": PLACEMENTS,
-           "task_inference": TASK_INFERENCE, "adapter": APER_ADAPTERS}
+           "task_inference": TASK_INFERENCE, "adapter": APER_ADAPTERS,
+           "ranpac_adapter": APER_ADAPTERS}
 
 
 def _add_params_parser(subparsers) -> None:
@@ -72,6 +73,8 @@ def _add_option_arguments(parser: argparse.ArgumentParser) -> None:
                  "task_inference": f"oracle; --scenario class: {DEFAULT_TASK_INFERENCE}",
                  "ranpac_dim": f"{default}; digits "
                                f"{BENCHMARK_DEFAULTS['digits'].ranpac_dim}",
+                 "ranpac_adapter": "none: the pretrained features; else the module "
+                                   "trained on the first experience, as --adapter's",
                  }.get(name, default)
         kwargs: dict[str, Any] = {"default": None, "dest": f"option_{name}",
                                   "help": f"{', '.join(option_users(name))} (default: {shown})"}

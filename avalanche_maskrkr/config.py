@@ -24,7 +24,8 @@ DEFAULT_LR: dict[str, float] = {
     "rkr": 3e-3, "piggyback": 1e-3, "mask-rkr": 2e-3, "naive": 1e-3, "single": 1e-3,
     "multi-head": 1e-3, "ewc": 1e-3, "lwf": 1e-3, "si": 1e-3, "replay": 1e-3,
     "packnet": 1e-3, "der": 1e-3, "icarl": 1e-3, "aper": 1e-3,
-    "simplecil": 1e-3, "ranpac": 1e-3,  # no gradient step: unused
+    "simplecil": 1e-3,  # no gradient step: unused
+    "ranpac": 1e-3,  # for its first-session adaptation (--ranpac-adapter) only, as APER's
 }
 """Adam learning rate of each strategy when --lr is not given (see :func:`strategy_lr`).
 Average accuracy on the default digits job (5 epochs) at each rate tried:

@@ -48,19 +48,29 @@ class PretrainedModelOptions:
             ``"rkr"`` (default: it converts every backbone the package converts),
             ``"piggyback"``, ``"mask-rkr"`` (with their options of the run) or
             ``"bottleneck"`` (transformers' MLP blocks, the published APER's adapter).
+        ranpac_adapter: RanPAC's first-session adaptation (the paper's Phase 1): one of
+            APER's modules, trained on the first experience with the run's optimizer and
+            epochs, then frozen; default none (the pretrained features).
         head_name: dotted name of the classifier, if it cannot be found automatically.
     """
 
     ranpac_dim: int = 10000
     adapter: str = "rkr"
+    ranpac_adapter: str | None = None
     head_name: str | None = None
 
 
-PRETRAINED_MODEL_OPTIONS = {"simplecil": {"head_name"}, "ranpac": {"ranpac_dim", "head_name"},
-                            "aper": {"adapter", "head_name", *(
-                                set().union(*map(option_names, METHODS.values()))
-                                - {"task_inference", "train_base_first"})}}
-"""The options each of them reads (``aper``: also its adapter method's)."""
+ADAPTER_OPTION_NAMES = (set().union(*map(option_names, METHODS.values()))
+                        - {"task_inference", "train_base_first"})
+"""The method options an adapter reads (``rank``, ``bn_policy``, ...) when it is one of
+the methods."""
+
+PRETRAINED_MODEL_OPTIONS = {
+    "simplecil": {"head_name"},
+    "ranpac": {"ranpac_dim", "ranpac_adapter", "head_name", *ADAPTER_OPTION_NAMES},
+    "aper": {"adapter", "head_name", *ADAPTER_OPTION_NAMES},
+}
+"""The options each of them reads (``ranpac``, ``aper``: also their adapter method's)."""
 
 
 def _without_epochs(template: dict) -> dict:
@@ -73,21 +83,31 @@ def _simplecil(make_backbone, num_classes, make_optimizer, options, **template):
                      **_without_epochs(template))
 
 
+def _adapter_options(adapter: str | None, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's options that ``adapter`` reads: its method's (none for ``bottleneck``)."""
+    names = option_names(METHODS[adapter]) & ADAPTER_OPTION_NAMES if adapter in METHODS else ()
+    return {k: v for k, v in options.items() if k in names}
+
+
 def _ranpac(make_backbone, num_classes, make_optimizer, options, **template):
-    return RanPAC(model=make_backbone(num_classes),
-                  M=options.get("ranpac_dim", PretrainedModelOptions.ranpac_dim),
+    model = make_backbone(num_classes)
+    adapter = options.get("ranpac_adapter")
+    if adapter is None:
+        template = _without_epochs(template)
+    else:
+        template["optimizer"] = make_optimizer(model.parameters())
+    return RanPAC(model=model, M=options.get("ranpac_dim", PretrainedModelOptions.ranpac_dim),
                   seed=torch.initial_seed() % 2**31, head_name=options.get("head_name"),
-                  **_without_epochs(template))
+                  adapter=adapter, adapter_options=_adapter_options(adapter, options),
+                  **template)
 
 
 def _aper(make_backbone, num_classes, make_optimizer, options, **template):
     adapter = options.get("adapter", PretrainedModelOptions.adapter)
-    adapter_options = {k: v for k, v in options.items() if adapter in METHODS
-                       and k in option_names(METHODS[adapter])
-                       and k in PRETRAINED_MODEL_OPTIONS["aper"]}
     model = make_backbone(num_classes)
     return APER(model=model, optimizer=make_optimizer(model.parameters()), adapter=adapter,
-                adapter_options=adapter_options, head_name=options.get("head_name"), **template)
+                adapter_options=_adapter_options(adapter, options),
+                head_name=options.get("head_name"), **template)
 
 
 STRATEGIES: dict[str, StrategyBuilder] = {
@@ -137,7 +157,8 @@ def option_users(name: str) -> list[str]:
     """Who reads option ``name``: the methods by their options class, the baselines by
     the option's prefix (``ewc_lambda``: ewc)."""
     users = [method for method, cls in METHODS.items() if name in option_names(cls)]
-    users += {"ranpac_dim": ["ranpac"], "adapter": ["aper"]}.get(name, [])
+    users += {"ranpac_dim": ["ranpac"], "adapter": ["aper"],
+              "ranpac_adapter": ["ranpac"]}.get(name, [])
     if name in BASELINE_OPTION_NAMES:
         prefix = name.split("_")[0]
         users.append(prefix if prefix in BASELINES else
