@@ -10,8 +10,9 @@ experience the test experiences seen so far are evaluated, one at a time in batc
 256 (as Avalanche does), under every router, and under the oracle that routes each input
 to the task that learned its class. The references on the same stream and backbone:
 Naive fine-tuning of one 10-class linear head on the frozen backbone, Naive fine-tuning
-of the whole network (same optimizer, batch and epochs), SimpleCIL, RanPAC and APER
-(its module trained on the first experience under the same optimizer, batch and epochs).
+of the whole network (same optimizer, batch and epochs), SimpleCIL, RanPAC, and APER and
+optionally RanPAC with first-session adaptation (their module trained on the first
+experience under the same optimizer, batch and epochs).
 
 Cost: milliseconds per test image of the evaluation forward after the last experience,
 at batch 256 (one batch of inputs drawn from all test experiences) and at batch 1, each
@@ -22,6 +23,8 @@ batch 1, one pass per input with its own task, the inputs arriving in mixed orde
 for the routers. Prints the mean over seeds.
 
     python benchmarks/routers.py --proxy --model test_efficientnet --img-size 16 --epochs 5
+    python benchmarks/routers.py --proxy --model test_efficientnet --img-size 16 --epochs 5 \
+        --methods "" --ranpac-adapters rkr,piggyback   # the references alone
 """
 from __future__ import annotations
 
@@ -172,17 +175,20 @@ def naive_model(model: nn.Module, frozen: bool) -> nn.Module:
 
 def reference_strategy(name: str, model: nn.Module, epochs: int, seed: int, ranpac_m: int):
     """The strategy of reference ``name``: "naive frozen", "naive full", "simplecil",
-    "ranpac" or "aper <adapter>"."""
+    "ranpac", "ranpac <adapter>" (first-session adaptation) or "aper <adapter>"."""
     template = dict(eval_mb_size=EVAL_BATCH, evaluator=evaluator())
     if name.startswith("naive"):
         model = naive_model(model, frozen=name == "naive frozen")
         return Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
                      train_mb_size=32, train_epochs=epochs, **template)
-    if name.startswith("aper"):
-        return APER(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-                    adapter=name.split()[1], train_mb_size=32, train_epochs=epochs, **template)
     if name == "simplecil":
         return SimpleCIL(model=model, **template)
+    kind, *adapter = name.split()
+    if adapter:
+        template.update(optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+                        adapter=adapter[0], train_mb_size=32, train_epochs=epochs)
+    if kind == "aper":
+        return APER(model=model, **template)
     return RanPAC(model=model, M=ranpac_m, seed=seed, **template)
 
 
@@ -208,6 +214,10 @@ def main() -> None:
                         help="RanPAC's projection size (10000 in the paper)")
     parser.add_argument("--aper-adapters", default="rkr",
                         help="APER's modules, comma-separated (bottleneck: transformers only)")
+    parser.add_argument("--ranpac-adapters", default="",
+                        help="RanPAC with first-session adaptation, by module, comma-separated")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="the methods routed, comma-separated (empty: references only)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     with backbone_factory(args) as make_model:
@@ -221,7 +231,7 @@ def main() -> None:
                                   seed=seed, mean_std=mean_std, scenario="class")
             tests = [dataset_tensors(e.dataset) for e in stream.test_stream]
             sizes = [len(y) for _, y in tests]
-            for method in METHODS:
+            for method in filter(None, args.methods.split(",")):
                 start = time.perf_counter()
                 torch.manual_seed(seed)
                 results = run_method(method, make_model(), stream, tests, args.epochs,
@@ -237,7 +247,8 @@ def main() -> None:
                         "x_oracle_1": r["ms_1"] / oracle["ms_1"]})
                 print(f"seed {seed} {method}: {time.perf_counter() - start:.0f} s", flush=True)
             for name in ("naive frozen", "naive full", "simplecil", "ranpac",
-                         *(f"aper {a}" for a in args.aper_adapters.split(","))):
+                         *(f"ranpac {a}" for a in filter(None, args.ranpac_adapters.split(","))),
+                         *(f"aper {a}" for a in filter(None, args.aper_adapters.split(",")))):
                 torch.manual_seed(seed)
                 strategy = reference_strategy(name, make_model(), args.epochs, seed,
                                               args.ranpac_m)
@@ -246,9 +257,10 @@ def main() -> None:
                                    "avg_incremental": average_incremental_accuracy(matrix,
                                                                                    sizes),
                                    "last": last_accuracy(matrix, sizes)})
-    by_router = pd.DataFrame(routed).groupby(["method", "router"], sort=False).mean().round(4)
-    print("\nrouters (mean over seeds; ms per image, x_oracle: ratio to the oracle pass):")
-    print(format_table(by_router.reset_index()))
+    if routed:
+        by_router = pd.DataFrame(routed).groupby(["method", "router"], sort=False).mean()
+        print("\nrouters (mean over seeds; ms per image, x_oracle: ratio to the oracle pass):")
+        print(format_table(by_router.round(4).reset_index()))
     print("\nreferences (mean over seeds):")
     print(format_table(pd.DataFrame(references).groupby("method", sort=False).mean()
                        .round(4).reset_index()))
