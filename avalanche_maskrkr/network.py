@@ -39,6 +39,12 @@ STREAM_HINT = (
     "'prototype'): every experience then becomes a new task of its own.")
 
 
+CLASS_STREAM_HINT = (
+    "Use a class-incremental stream, which brings each class once with a global class "
+    "id: e.g. avalanche_maskrkr.benchmarks.split_cifar100(scenario='class') or "
+    "nc_benchmark(..., task_labels=False). A stream that numbers classes from 0 in each "
+    "task is task-incremental: the task label is then needed at test time.")
+
 BASE_TASK = -1
 """The task label that computes the base network: no task layer holds it."""
 
@@ -166,6 +172,18 @@ class TaskAwareNetwork(MultiTaskModule):
                     "per task and never change a finished task, so every experience needs a "
                     f"new task label. {STREAM_HINT}")
 
+    def refuse_learned_classes(self, classes: Iterable[int]) -> None:
+        """Class-incremental: raise ``ValueError`` if a task already owns any of
+        ``classes``."""
+        owned = [c for c in classes if c < len(self.class_task) and self.class_task[c] >= 0]
+        if owned:
+            raise ValueError(
+                f"An experience brings classes {owned}, which task "
+                f"{int(self.class_task[owned[0]])} already learned. With task_inference="
+                f"{self.options.task_inference!r}, each class belongs to the one task "
+                "(experience) that brought it and the router maps classes to tasks, so "
+                f"every class must come once. {CLASS_STREAM_HINT}")
+
     def add_task(self, task: int, n_classes: int) -> None:
         """Create the parameters and head of ``task`` before it trains."""
         self.refuse_trained([task])
@@ -254,6 +272,8 @@ class TaskAwareNetwork(MultiTaskModule):
         refused before anything changes. Class-incremental: a training experience becomes
         a new task over its classes."""
         if self.class_incremental:
+            if self.training:
+                self.refuse_learned_classes(sorted(experience.classes_in_this_experience))
             super().adaptation(experience)
             if self.training:
                 self.add_class_task(len(self.adapted_tasks),

@@ -16,6 +16,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from avalanche_maskrkr.baseline_accounting import baseline_cost
+from avalanche_maskrkr.benchmarks import split_digits
 from avalanche_maskrkr.cil import RanPAC, RanPACPlugin, SimpleCIL, SimpleCILPlugin
 from avalanche_maskrkr.cil.ranpac import RanPACClassifier
 
@@ -127,6 +128,21 @@ def test_strategies_against_nearest_class_mean_on_digits():
     assert results["simplecil"] == pytest.approx(cosine, abs=1e-9)
     assert results["simplecil"] > 0.3
     assert results["ranpac"] > max(euclidean, cosine) + 0.1
+
+
+def test_class_ids_numbered_from_zero_in_each_task_are_refused():
+    """One label space over every class: a task-incremental stream (classes 0 to 4 in
+    each of its two tasks) is refused at its second experience, whatever the plugin; the same
+    class with the same task label may come again."""
+    task_stream = split_digits(n_experiences=2)
+    for make in (lambda m: SimpleCIL(model=m, evaluator=evaluator()),
+                 lambda m: RanPAC(model=m, M=32, evaluator=evaluator())):
+        strategy = make(MLP())
+        strategy.train(task_stream.train_stream[0])
+        strategy.train(task_stream.train_stream[0])  # the same classes and task: accepted
+        with pytest.raises(ValueError, match=r"Classes \[0, 1, 2, 3, 4\] arrive with task label\(s\) "
+                                             r"\[1\] but came before with task label\(s\) \[0\]"):
+            strategy.train(task_stream.train_stream[1])
 
 
 def test_stored_class_statistics_are_counted():

@@ -223,6 +223,21 @@ def test_oracle_on_a_class_incremental_stream_names_task_inference():
         train_class_incremental("rkr", "oracle", experiences=2)
 
 
+def test_a_class_learned_before_is_refused_before_anything_changes():
+    """Each class belongs to the task that learned it: an experience bringing a learned
+    class again (as a stream numbering classes from 0 in each task does) is refused,
+    the network unchanged."""
+    strategy, stream = train_class_incremental("rkr", "prototype", experiences=1)
+    network = strategy.model
+    state = copy.deepcopy(network.state_dict())
+    with pytest.raises(ValueError, match=r"classes \[0, 1\], which task 0 already learned"):
+        strategy.train(stream.train_stream[0])
+    assert network.adapted_tasks == [0] and network.task_class_ids == {0: [0, 1]}
+    assert network.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in network.state_dict().items()
+               if isinstance(v, torch.Tensor))
+
+
 def test_supsup_needs_frozen_batchnorm_and_unknown_router_is_refused():
     with pytest.raises(ValueError, match="bn_policy='frozen'"):
         make_options("piggyback", task_inference="supsup", bn_policy="task_stats")

@@ -5,7 +5,8 @@
 Added to a strategy over an unconverted model, a plugin wraps the model in place (its
 classifier removed) the first time the strategy trains or evaluates, and then, for each
 training experience:
-  * before it: APER's first experience trains the module and a temporary head for the
+  * before it: an experience whose class ids came before with other task labels (a
+    stream numbering classes from 0 in each task) is refused; APER's first experience trains the module and a temporary head for the
     strategy's ``train_epochs`` (its optimizer pointed at them, as the methods' plugins
     do); otherwise the epoch loop is skipped: no gradient step;
   * after it: APER's module is frozen after its first experience; then one pass over the
@@ -27,6 +28,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
+from ..network import CLASS_STREAM_HINT, experience_tasks
 from ..plugins import dataset_features
 
 
@@ -39,6 +41,24 @@ class FeatureStatisticsPlugin(SupervisedPlugin):
         super().__init__()
         self.model_class, self.wrap = model_class, wrap
         self._epochs: int | None = None  # the strategy's, while skipped
+        # class id -> the task labels it came with, to refuse per-task class ids (a
+        # guard only: not in checkpoints, a resumed run starts it afresh)
+        self._class_tasks: dict[int, frozenset[int]] = {}
+
+    def refuse_task_class_ids(self, experience) -> None:
+        """Raise ``ValueError`` if a class id of ``experience`` came before with other
+        task labels: the stream numbers classes from 0 in each task, and one label space
+        would merge different classes. A class may come again with the same labels."""
+        tasks = frozenset(experience_tasks(experience))
+        classes = sorted(experience.classes_in_this_experience)
+        if clashes := [c for c in classes if self._class_tasks.get(c, tasks) != tasks]:
+            raise ValueError(
+                f"Classes {clashes} arrive with task label(s) {sorted(tasks)} but came "
+                f"before with task label(s) {sorted(self._class_tasks[clashes[0]])}: this "
+                "stream numbers classes from 0 in each task. SimpleCIL, RanPAC and APER "
+                "keep one label space over every class seen and ignore task labels. "
+                f"{CLASS_STREAM_HINT}")
+        self._class_tasks.update(dict.fromkeys(classes, tasks))
 
     def _ensure_wrapped(self, strategy) -> None:
         if not isinstance(strategy.model, self.model_class):
@@ -55,6 +75,7 @@ class FeatureStatisticsPlugin(SupervisedPlugin):
         return False
 
     def before_training_exp(self, strategy, **kwargs):
+        self.refuse_task_class_ids(strategy.experience)
         if not self.trains(strategy):
             self._epochs, strategy.train_epochs = strategy.train_epochs, 0
 
