@@ -6,7 +6,8 @@ features of fixed (frozen) features.
 ids) are accumulated, so the classifier ``W = (G + lambda I)^-1 C`` is exactly the ridge
 solution on all that data. ``lambda`` is chosen per experience from a grid: fit on part
 of the experience plus the earlier statistics, keep the best accuracy on the rest, then
-solve with all of it. Statistics and solves are float64. Used by the RanPAC strategy
+solve with all of it (one eigendecomposition for the grid, one linear solve for the
+final classifier). Statistics and solves are float64. Used by the RanPAC strategy
 (:mod:`.cil.ranpac`) and as a router (:mod:`.routing`, ``task_inference="ranpac"``).
 """
 from __future__ import annotations
@@ -21,10 +22,19 @@ DEFAULT_RIDGE_GRID = tuple(10.0 ** k for k in range(-8, 9))
 
 
 def ridge_solutions(gram: Tensor, targets: Tensor, ridges: list[float]) -> list[Tensor]:
-    """``(gram + r I)^-1 targets`` (M, K) for each ``r``, from one eigendecomposition."""
+    """``(gram + r I)^-1 targets`` (M, K) for each ``r``, from one eigendecomposition
+    (for the grid of candidates)."""
     eigenvalues, vectors = torch.linalg.eigh(gram)
     projected = vectors.T @ targets
     return [vectors @ (projected / (eigenvalues + r)[:, None]) for r in ridges]
+
+
+def ridge_solution(gram: Tensor, targets: Tensor, ridge: float) -> Tensor:
+    """``(gram + ridge I)^-1 targets`` (M, K) for one ``ridge``, by an LU solve: about a
+    tenth of an eigendecomposition's time (M = 4000, float64, on a CPU)."""
+    system = gram.clone()
+    system.diagonal().add_(ridge)
+    return torch.linalg.solve(system, targets)
 
 
 class RandomFeatureRidge(GrowingBuffers):
@@ -94,4 +104,4 @@ class RandomFeatureRidge(GrowingBuffers):
         gram, targets = self._statistics(h, labels)
         self.gram += gram
         self.targets += targets
-        self.weight = ridge_solutions(self.gram, self.targets, [self.ridge])[0].float()
+        self.weight = ridge_solution(self.gram, self.targets, self.ridge).float()
