@@ -11,8 +11,8 @@ experience:
   * after training: re-estimates the task's own BatchNorm statistics for its adapted
     network (``bn_policy="task_stats"``) from the experience's training inputs, learns
     its classes for the router that classifies base features (``task_inference``
-    ``"prototype"``: class means; ``"ranpac"``: RanPAC's statistics), then freezes the task for good (masks packed to 1
-    bit per entry).
+    ``"prototype"``: class means; ``"ranpac"``: RanPAC's statistics), then freezes the
+    task for good (masks packed to 1 bit per entry).
 Task parameters and heads are created by the network's Avalanche ``adaptation``.
 """
 from __future__ import annotations

@@ -6,9 +6,10 @@ Added to a strategy over an unconverted model, a plugin wraps the model in place
 classifier removed) the first time the strategy trains or evaluates, and then, for each
 training experience:
   * before it: an experience whose class ids came before with other task labels (a
-    stream numbering classes from 0 in each task) is refused; APER's first experience trains the module and a temporary head for the
-    strategy's ``train_epochs`` (its optimizer pointed at them, as the methods' plugins
-    do); otherwise the epoch loop is skipped: no gradient step;
+    stream numbering classes from 0 in each task) is refused; APER's first experience
+    trains the module and a temporary head for the strategy's ``train_epochs`` (its
+    optimizer pointed at them, as the methods' plugins do); otherwise the epoch loop is
+    skipped: no gradient step;
   * after it: APER's module is frozen after its first experience; then one pass over the
     experience's training data (eval transform) hands the backbone's features to the
     model's ``learn`` (class means; RanPAC's statistics and solve), counted as one
